@@ -1,0 +1,100 @@
+"""E4M3 arithmetic shared by the Triton kernels, written with integer bit operations.
+
+Why not `x.to(tl.float8e4nv)`: the Triton interpreter (the CPU path CI runs) rounds that cast
+wrongly (the rounding carry is lost, ties go away from zero, no saturation) and turns NaN into 384.
+So every kernel rounds in fp32 here and writes the E4M3 byte itself; on the GPU this costs a few
+integer ops per element in kernels that are bound by memory, and it is bit-identical on both paths.
+Kernels load and store E4M3 tensors through uint8 views.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def scale_exponent(amax):
+    """e = ceil(log2(amax / 448)) computed exactly from the bits of amax (fp32 >= 0, finite).
+
+    amax = (1 + m / 2**23) * 2**(ef - 127) and 448 = 1.75 * 2**8, so
+    e = ef - 135 + (m > 0.75 * 2**23). amax == 0 gives e = 0 (scale 1); e is clamped to
+    [-126, 126] so the scale and its inverse stays a normal fp32 number.
+    """
+    bits = amax.to(tl.int32, bitcast=True)
+    ef = (bits >> 23) & 0xFF
+    mf = bits & 0x7FFFFF
+    e = ef - 135 + (mf > 0x600000).to(tl.int32)
+    e = tl.where(amax == 0.0, 0, e)
+    return tl.minimum(tl.maximum(e, -126), 126)
+
+
+@triton.jit
+def exp2i(e):
+    """2**e as fp32 for integer e in [-126, 127], exact."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_e4m3(x):
+    """Round finite fp32 x to the nearest E4M3 value (ties to even), saturating at +-448.
+
+    Returns fp32 holding an exactly representable E4M3 value.
+    """
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    a = tl.abs(x)
+    bits = a.to(tl.int32, bitcast=True)
+    # Normal range (|x| >= 2**-6): keep 3 mantissa bits, round half to even on bit 20.
+    rb = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576
+    normal = rb.to(tl.float32, bitcast=True)
+    # Subnormal range: the quantum is 2**-9; adding 1.5 * 2**14 (whose ulp is 2**-9) rounds
+    # to nearest-even in one fp32 rounding.
+    sub = (a + 24576.0) - 24576.0
+    r = tl.where(a >= 0.015625, normal, sub)
+    # Sign put back with bits: the interpreter's negation turns -0.0 into +0.0.
+    sign = (x.to(tl.int32, bitcast=True) >> 31) << 31
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_bits(r, nan_mask):
+    """The E4M3FN byte (int32 in [0, 255]) of r, an fp32 value exactly representable in E4M3.
+
+    Where nan_mask is set the byte is NaN (0x7F, sign kept).
+    """
+    bits = r.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = tl.abs(r)
+    abits = a.to(tl.int32, bitcast=True)
+    normal = ((((abits >> 23) & 0xFF) - 120) << 3) | ((abits >> 20) & 0x7)
+    sub = (a * 512.0).to(tl.int32)
+    mag = tl.where(a >= 0.015625, normal, sub)
+    mag = tl.where(nan_mask, 0x7F, mag)
+    return sign | mag
+
+
+@triton.jit
+def e4m3_to_f32(byte):
+    """Decode E4M3FN bytes (any int type holding 0..255) to fp32 exactly; 0x7F/0xFF -> NaN."""
+    b = byte.to(tl.int32) & 0xFF
+    sign = b >> 7
+    ex = (b >> 3) & 0xF
+    man = b & 0x7
+    normal = ((ex + 120) << 23 | (man << 20)).to(tl.float32, bitcast=True)
+    sub = man.to(tl.float32) * 0.001953125
+    v = tl.where(ex == 0, sub, normal)
+    v = tl.where((ex == 15) & (man == 7), float("nan"), v)
+    return (v.to(tl.int32, bitcast=True) | (sign << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def quantize_tile(x, AXIS: tl.constexpr):
+    """Quantize a tile of fp32 values with one power-of-two scale per slice along AXIS.
+
+    Returns (bytes int32, scale fp32 reduced over AXIS). Non-finite values become NaN bytes and
+    do not enter the amax.
+    """
+    finite = tl.abs(x) < float("inf")  # False for NaN and +-Inf
+    amax = tl.max(tl.where(finite, tl.abs(x), 0.0), axis=AXIS)
+    e = scale_exponent(amax)
+    inv = tl.expand_dims(exp2i(-e), AXIS)
+    r = round_e4m3(tl.where(finite, x, 0.0) * inv)
+    return e4m3_bits(r, ~finite), exp2i(e)

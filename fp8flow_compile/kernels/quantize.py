@@ -1,0 +1,382 @@
+"""Quantize and dequantize: 1x128 tiles (activations, gradients) and 128x128 blocks (weights).
+
+Forms
+-----
+- row-wise 1x128: x [R, C] -> q [R, C] E4M3, s [R, T] fp32, tiles along the last dim. With `offs`
+  (groups along the last dim) the tiles restart at each group start and T = max_tiles(C, G).
+- column-wise 1x128: x [M, K] -> the row-wise form of x^T, written by one kernel that reads x and
+  stores transposed: qT [K, M], sT [K, T], tiles along M restarting at each group of `offs`.
+  This is the wgrad operand of the naive recipe; the flow gets it from scaling_aware_transpose.
+- 128x128 blocks: w [N, K] or [E, N, K] -> q, s [.., cdiv(N,128), cdiv(K,128)].
+
+Partial tiles are allowed here (a GEMM checks its own contraction dim). Scale rule and NaN rule:
+see fp8flow_compile.recipe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import require, require_dtype
+from ..recipe import E4M3_MAX, TILE
+from . import fp8_math as fm
+from .common import FP8, HIGH, use_triton
+from .groups import cdiv, max_tiles, tile_bounds
+
+
+# ---------------------------------------------------------------- torch reference (any device)
+
+def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
+    """2**ceil(log2(amax / 448)) exactly, 1 where amax == 0, clamped to [2**-126, 2**126]."""
+    bits = amax.float().contiguous().view(torch.int32)
+    ef = (bits >> 23) & 0xFF
+    e = ef - 135 + ((bits & 0x7FFFFF) > 0x600000).int()
+    e = torch.where(amax == 0, 0, e).clamp(-126, 126)
+    return ((e + 127) << 23).view(torch.float32)
+
+
+def _quantize_last_ref(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xf [..., n] fp32 -> one scale over the last dim."""
+    finite = torch.isfinite(xf)
+    amax = torch.where(finite, xf.abs(), 0.0).amax(-1)
+    s = pow2_scale(amax)
+    q = (torch.where(finite, xf, 0.0) / s.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)
+    q = torch.where(finite, q, float("nan")).to(FP8)
+    return q, s
+
+
+def quantize_1x128_ref(x: torch.Tensor, offs: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    R, C = x.shape
+    starts, ends = tile_bounds(offs, C, device=x.device)
+    q = torch.zeros(R, C, dtype=FP8, device=x.device)
+    s = torch.ones(R, starts.numel(), dtype=torch.float32, device=x.device)
+    xf = x.float()
+    for t, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        if b > a:
+            q[:, a:b], s[:, t] = _quantize_last_ref(xf[:, a:b])
+    return q, s
+
+
+def quantize_1x128_col_ref(x: torch.Tensor, offs: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_1x128_ref(x.t(), offs)
+
+
+def dequantize_1x128_ref(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None = None,
+                         out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    R, C = q.shape
+    starts, ends = tile_bounds(offs, C, device=q.device)
+    out = torch.zeros(R, C, dtype=torch.float32, device=q.device)
+    qf = q.float()
+    for t, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        if b > a:
+            out[:, a:b] = qf[:, a:b] * s[:, t:t + 1]
+    return out.to(out_dtype)
+
+
+def quantize_128x128_ref(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    *lead, N, K = w.shape
+    nb, kb = cdiv(N, TILE), cdiv(K, TILE)
+    wf = torch.nn.functional.pad(w.float(), (0, kb * TILE - K, 0, nb * TILE - N))
+    tiles = wf.reshape(*lead, nb, TILE, kb, TILE).transpose(-3, -2)
+    q, s = _quantize_last_ref(tiles.reshape(*lead, nb, kb, TILE * TILE))
+    q = q.reshape(*lead, nb, kb, TILE, TILE).transpose(-3, -2).reshape(*lead, nb * TILE, kb * TILE)
+    return q[..., :N, :K].contiguous(), s
+
+
+def dequantize_128x128_ref(q: torch.Tensor, s: torch.Tensor,
+                           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    N, K = q.shape[-2:]
+    se = s.repeat_interleave(TILE, -2).repeat_interleave(TILE, -1)[..., :N, :K]
+    return (q.float() * se).to(out_dtype)
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _tile_range(tile_start_ptr, tile_end_ptr, t, C, TILE_: tl.constexpr,
+                GROUPED: tl.constexpr):
+    if GROUPED:
+        start = tl.load(tile_start_ptr + t)
+        end = tl.load(tile_end_ptr + t)
+    else:
+        start = t * TILE_
+        end = tl.minimum(start + TILE_, C)
+    return start, end
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, te_ptr, R, C, T,
+                          BLOCK_R: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr):
+    pid_r = tl.program_id(0)
+    t = tl.program_id(1)
+    start, end = _tile_range(ts_ptr, te_ptr, t, C, TILE_, GROUPED)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = start + tl.arange(0, TILE_)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols < end)[None, :]
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    byte, scale = fm.quantize_tile(x, 1)
+    tl.store(q_ptr + offs, byte.to(tl.uint8), mask=mask)
+    tl.store(s_ptr + rows.to(tl.int64) * T + t, scale, mask=rmask)
+
+
+@triton.jit
+def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, M, K, T,
+                          BLOCK_K: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr):
+    # x [M, K] row-major; tile t covers rows [start, end); writes qT [K, M] and sT [K, T].
+    t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    start, end = _tile_range(ts_ptr, te_ptr, t, M, TILE_, GROUPED)
+    rows = start + tl.arange(0, TILE_)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = cols < K
+    mask = (rows < end)[:, None] & kmask[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0)
+    byte, scale = fm.quantize_tile(x.to(tl.float32), 0)
+    tl.store(qt_ptr + cols[None, :].to(tl.int64) * M + rows[:, None], byte.to(tl.uint8),
+             mask=mask)
+    tl.store(st_ptr + cols.to(tl.int64) * T + t, scale, mask=kmask)
+
+
+@triton.jit
+def _dequantize_rows_kernel(q_ptr, s_ptr, out_ptr, ts_ptr, te_ptr, R, C, T,
+                            BLOCK_R: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr):
+    pid_r = tl.program_id(0)
+    t = tl.program_id(1)
+    start, end = _tile_range(ts_ptr, te_ptr, t, C, TILE_, GROUPED)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = start + tl.arange(0, TILE_)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols < end)[None, :]
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    v = fm.e4m3_to_f32(tl.load(q_ptr + offs, mask=mask, other=0))
+    s = tl.load(s_ptr + rows.to(tl.int64) * T + t, mask=rmask, other=1.0)
+    tl.store(out_ptr + offs, (v * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, NB, KB, TILE_: tl.constexpr):
+    e = tl.program_id(0)
+    nb = tl.program_id(1)
+    kb = tl.program_id(2)
+    rows = nb * TILE_ + tl.arange(0, TILE_)
+    cols = kb * TILE_ + tl.arange(0, TILE_)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    offs = e.to(tl.int64) * N * K + rows[:, None].to(tl.int64) * K + cols[None, :]
+    x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    finite = tl.abs(x) < float("inf")
+    amax = tl.max(tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1), axis=0)
+    ex = fm.scale_exponent(amax)
+    r = fm.round_e4m3(tl.where(finite, x, 0.0) * fm.exp2i(-ex))
+    tl.store(q_ptr + offs, fm.e4m3_bits(r, ~finite).to(tl.uint8), mask=mask)
+    tl.store(s_ptr + (e * NB + nb) * KB + kb, fm.exp2i(ex))
+
+
+@triton.jit
+def _dequantize_blocks_kernel(q_ptr, s_ptr, out_ptr, N, K, NB, KB, TILE_: tl.constexpr):
+    e = tl.program_id(0)
+    nb = tl.program_id(1)
+    kb = tl.program_id(2)
+    rows = nb * TILE_ + tl.arange(0, TILE_)
+    cols = kb * TILE_ + tl.arange(0, TILE_)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    offs = e.to(tl.int64) * N * K + rows[:, None].to(tl.int64) * K + cols[None, :]
+    v = fm.e4m3_to_f32(tl.load(q_ptr + offs, mask=mask, other=0))
+    s = tl.load(s_ptr + (e * NB + nb) * KB + kb)
+    tl.store(out_ptr + offs, (v * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- launchers
+
+_BLOCK_R = 32
+
+
+def _bounds(offs, length, device):
+    if offs is None:
+        dummy = torch.empty(1, dtype=torch.int32, device=device)
+        return dummy, dummy, False
+    s, e = tile_bounds(offs, length, device=device)
+    return s, e, True
+
+
+def quantize_1x128_triton(x, offs=None):
+    R, C = x.shape
+    T = max_tiles(C, None if offs is None else offs.numel())
+    q = torch.empty(R, C, dtype=FP8, device=x.device)
+    s = torch.ones(R, T, dtype=torch.float32, device=x.device)
+    ts, te, grouped = _bounds(offs, C, x.device)
+    if R and T:
+        _quantize_rows_kernel[(cdiv(R, _BLOCK_R), T)](
+            x, q.view(torch.uint8), s, ts, te, R, C, T,
+            BLOCK_R=_BLOCK_R, TILE_=TILE, GROUPED=grouped)
+    if grouped:  # columns outside every group are not written by the kernel
+        q.view(torch.uint8)[:, _covered(offs, C).logical_not()] = 0
+    return q, s
+
+
+def quantize_1x128_col_triton(x, offs=None, block_k: int = 64):
+    M, K = x.shape
+    T = max_tiles(M, None if offs is None else offs.numel())
+    qt = torch.empty(K, M, dtype=FP8, device=x.device)
+    st = torch.ones(K, T, dtype=torch.float32, device=x.device)
+    ts, te, grouped = _bounds(offs, M, x.device)
+    if K and T:
+        _quantize_cols_kernel[(T, cdiv(K, block_k))](
+            x, qt.view(torch.uint8), st, ts, te, M, K, T,
+            BLOCK_K=block_k, TILE_=TILE, GROUPED=grouped)
+    if grouped:
+        qt.view(torch.uint8)[:, _covered(offs, M).logical_not()] = 0
+    return qt, st
+
+
+def dequantize_1x128_triton(q, s, offs=None, out_dtype=torch.float32):
+    R, C = q.shape
+    T = s.shape[1]
+    out = torch.zeros(R, C, dtype=out_dtype, device=q.device)
+    ts, te, grouped = _bounds(offs, C, q.device)
+    if R and T:
+        _dequantize_rows_kernel[(cdiv(R, _BLOCK_R), T)](
+            q.view(torch.uint8), s, out, ts, te, R, C, T,
+            BLOCK_R=_BLOCK_R, TILE_=TILE, GROUPED=grouped)
+    return out
+
+
+def quantize_128x128_triton(w):
+    *lead, N, K = w.shape
+    E = w.numel() // max(N * K, 1)
+    NB, KB = cdiv(N, TILE), cdiv(K, TILE)
+    q = torch.empty_like(w, dtype=FP8)
+    s = torch.empty(*lead, NB, KB, dtype=torch.float32, device=w.device)
+    if E and NB and KB:
+        _quantize_blocks_kernel[(E, NB, KB)](w, q.view(torch.uint8), s, N, K, NB, KB, TILE_=TILE)
+    return q, s
+
+
+def dequantize_128x128_triton(q, s, out_dtype=torch.float32):
+    *lead, N, K = q.shape
+    E = q.numel() // max(N * K, 1)
+    NB, KB = cdiv(N, TILE), cdiv(K, TILE)
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    if E and NB and KB:
+        _dequantize_blocks_kernel[(E, NB, KB)](q.view(torch.uint8), s, out, N, K, NB, KB,
+                                               TILE_=TILE)
+    return out
+
+
+def _covered(offs: torch.Tensor, length: int) -> torch.Tensor:
+    """Bool mask of the positions that lie inside some group (positions < offs[-1])."""
+    idx = torch.arange(length, device=offs.device)
+    return idx < offs[-1].to(idx.dtype)
+
+
+# ---------------------------------------------------------------- checks
+
+def _check_high(x, op):
+    require(x.dim() == 2, op, f"input must be 2-D, got shape {tuple(x.shape)}")
+    require_dtype(x, HIGH, op, "input")
+    require(x.is_contiguous(), op, f"input must be contiguous, got strides {tuple(x.stride())}")
+
+
+def _check_offs(offs, length, op):
+    if offs is None:
+        return
+    require(offs.dim() == 1 and offs.numel() >= 1, op, "offs must be a non-empty 1-D tensor")
+    require_dtype(offs, (torch.int32,), op, "offs")
+    del length  # group ends beyond the axis are a data error the kernels cannot see cheaply
+
+
+def _check_fp8(q, s, op, scale_shape):
+    require_dtype(q, (FP8,), op, "data")
+    require_dtype(s, (torch.float32,), op, "scales")
+    require(q.is_contiguous() and s.is_contiguous(), op, "data and scales must be contiguous")
+    require(tuple(s.shape) == tuple(scale_shape), op,
+            f"scales must have shape {tuple(scale_shape)}, got {tuple(s.shape)}")
+
+
+# ---------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("fp8flow::quantize_1x128", mutates_args=())
+def quantize_1x128(x: torch.Tensor, offs: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise 1x128 quantization along the last dim (tiles restart at groups of `offs`)."""
+    _check_high(x, "quantize_1x128")
+    _check_offs(offs, x.shape[1], "quantize_1x128")
+    return (quantize_1x128_triton if use_triton(x) else quantize_1x128_ref)(x, offs)
+
+
+@quantize_1x128.register_fake
+def _(x, offs=None):
+    T = max_tiles(x.shape[1], None if offs is None else offs.shape[0])
+    return x.new_empty(x.shape, dtype=FP8), x.new_empty(x.shape[0], T, dtype=torch.float32)
+
+
+@torch.library.custom_op("fp8flow::quantize_1x128_col", mutates_args=())
+def quantize_1x128_col(x: torch.Tensor, offs: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column-wise 1x128 quantization of x [M, K]: returns (qT [K, M], sT [K, T]), tiles along M
+    restarting at each group of `offs`."""
+    _check_high(x, "quantize_1x128_col")
+    _check_offs(offs, x.shape[0], "quantize_1x128_col")
+    return (quantize_1x128_col_triton if use_triton(x) else quantize_1x128_col_ref)(x, offs)
+
+
+@quantize_1x128_col.register_fake
+def _(x, offs=None):
+    M, K = x.shape
+    T = max_tiles(M, None if offs is None else offs.shape[0])
+    return x.new_empty(K, M, dtype=FP8), x.new_empty(K, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("fp8flow::dequantize_1x128", mutates_args=())
+def dequantize_1x128(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None = None,
+                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quantize_1x128 (and, on (qT, sT), of quantize_1x128_col, giving x^T)."""
+    require(q.dim() == 2, "dequantize_1x128", f"data must be 2-D, got {tuple(q.shape)}")
+    T = max_tiles(q.shape[1], None if offs is None else offs.numel())
+    _check_fp8(q, s, "dequantize_1x128", (q.shape[0], T))
+    _check_offs(offs, q.shape[1], "dequantize_1x128")
+    fn = dequantize_1x128_triton if use_triton(q) else dequantize_1x128_ref
+    return fn(q, s, offs, out_dtype)
+
+
+@dequantize_1x128.register_fake
+def _(q, s, offs=None, out_dtype=torch.float32):
+    return q.new_empty(q.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8flow::quantize_128x128", mutates_args=())
+def quantize_128x128(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 block quantization of a weight [N, K] or per-expert weights [E, N, K]."""
+    op = "quantize_128x128"
+    require(w.dim() in (2, 3), op, f"weight must be 2-D or 3-D, got shape {tuple(w.shape)}")
+    require_dtype(w, HIGH, op, "weight")
+    require(w.is_contiguous(), op, f"weight must be contiguous, got strides {tuple(w.stride())}")
+    return (quantize_128x128_triton if use_triton(w) else quantize_128x128_ref)(w)
+
+
+@quantize_128x128.register_fake
+def _(w):
+    *lead, N, K = w.shape
+    return (w.new_empty(w.shape, dtype=FP8),
+            w.new_empty(*lead, cdiv(N, TILE), cdiv(K, TILE), dtype=torch.float32))
+
+
+@torch.library.custom_op("fp8flow::dequantize_128x128", mutates_args=())
+def dequantize_128x128(q: torch.Tensor, s: torch.Tensor,
+                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    op = "dequantize_128x128"
+    require(q.dim() in (2, 3), op, f"data must be 2-D or 3-D, got shape {tuple(q.shape)}")
+    *lead, N, K = q.shape
+    _check_fp8(q, s, op, (*lead, cdiv(N, TILE), cdiv(K, TILE)))
+    fn = dequantize_128x128_triton if use_triton(q) else dequantize_128x128_ref
+    return fn(q, s, out_dtype)
+
+
+@dequantize_128x128.register_fake
+def _(q, s, out_dtype=torch.float32):
+    return q.new_empty(q.shape, dtype=out_dtype)
