@@ -25,7 +25,6 @@ from . import fp8_math as fm
 from .common import FP8, HIGH, use_triton
 from .groups import cdiv, max_tiles, tile_bounds
 
-
 # ---------------------------------------------------------------- torch reference (any device)
 
 def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
