@@ -1,0 +1,225 @@
+"""Scaling-aware transpose: row-wise 1x128 FP8 -> column-wise 1x128 FP8 without leaving FP8.
+
+The wgrad GEMM contracts over the token axis, so it wants its activation (or gradient) operand
+quantized in 1x128 tiles along M, while the forward / dgrad GEMMs produced it in 1x128 tiles along
+K. Instead of dequantizing and quantizing again (a cast the flow removes), this op rewrites the
+E4M3 bytes of the row-wise form directly into the column-wise form.
+
+Input and output
+----------------
+q [M, K] E4M3 with row scales s [M, K/128] (quantize_1x128 without groups; K a multiple of 128),
+optional `offs` (groups along M, see kernels.groups) ->
+qT [K, M] E4M3 and sT [K, T], T = max_tiles(M, G) (cdiv(M, 128) without groups): the layout
+`quantize_1x128_col(x, offs)` produces. Tiles of up to 128 rows along M restart at each group
+start; rows outside every group become zero bytes; unused scale slots hold 1.
+
+Numerics
+--------
+For a tile slot (rows [start, end)) and a 128-column block kb, the new scale is
+    sc = max s[r, kb] over the rows r of the tile whose block q[r, kb*128:(kb+1)*128] holds a byte
+         other than +-0 (NaN bytes count), and 1 if there is none.
+Rows that are all zero carry scale 1 (the amax == 0 rule) and would otherwise inflate sc above
+the real data of the tile. sT[k, t] = sc for every k of the block. Scales are powers of two, so
+each element only needs its value multiplied by 2**-k with k = exponent(sc) - exponent(s[r, kb])
+>= 0, read from the fp32 exponent fields. That is done on the E4M3 byte with integer operations:
+
+- while the result stays normal only the exponent field changes (the mantissa is kept, exact);
+- where it falls into the subnormal range (inputs that are subnormal included) the significand is
+  shifted right with round-to-nearest-even;
+- at or below half the smallest subnormal (|q * 2**-k| <= 2**-10) it becomes a zero with the sign
+  kept (the tie at 2**-10 goes to the even value, 0);
+- NaN bytes (0x7F / 0xFF) stay NaN.
+
+This equals exactly "dequantize with the row scales, divide by sc, round to E4M3 nearest-even"
+for every element (the reference computes it that way), so the only elements lost are those whose
+value is at most 2**-10 * sc: they flush to zero. The paper's transpose flushes every element
+whose shifted exponent field drops below 1; keeping the subnormals that still fit is a refinement
+that loses less and matches a fresh column-wise rounding of the dequantized values.
+
+Precondition (not checked, it would cost a device sync): the scales are powers of two, as every
+quantizer of this package produces them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import require, require_dtype
+from ..recipe import TILE
+from .common import FP8, use_triton
+from .groups import cdiv, max_tiles, tile_bounds
+
+_OP = "scaling_aware_transpose"
+
+
+# ---------------------------------------------------------------- torch reference (any device)
+
+def scaling_aware_transpose_ref(q: torch.Tensor, s: torch.Tensor,
+                                offs: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transpose computed by dequantizing in float64 (exact for E4M3 values times
+    power-of-two scales), dividing by the new scale and letting torch round to E4M3."""
+    M, K = q.shape
+    KB = K // TILE
+    starts, ends = tile_bounds(offs, M, device=q.device)
+    qT = torch.zeros(K, M, dtype=FP8, device=q.device)
+    sT = torch.ones(K, starts.numel(), dtype=torch.float32, device=q.device)
+    qbytes = q.view(torch.uint8)
+    for t, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        if b <= a:
+            continue
+        n = b - a
+        blocks = qbytes[a:b].view(n, KB, TILE)
+        nonzero = ((blocks & 0x7F) != 0).any(-1)  # [n, KB]; +-0 bytes are zero
+        sc = torch.where(nonzero, s[a:b], 0.0).amax(0)
+        sc = torch.where(sc == 0, 1.0, sc)  # scales are > 0, so 0 means "no nonzero row"
+        deq = q[a:b].double().view(n, KB, TILE) * s[a:b].double().unsqueeze(-1)
+        out = (deq / sc.double().view(1, KB, 1)).to(FP8).view(torch.uint8)
+        # NaN bytes pass through as they are (rather than trusting the NaN sign of the cast).
+        out = torch.where((blocks & 0x7F) == 0x7F, blocks, out)
+        qT.view(torch.uint8)[:, a:b] = out.view(n, K).t()
+        sT[:, t] = sc.repeat_interleave(TILE)
+    return qT, sT
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def shift_e4m3(byte, k):
+    """The E4M3FN byte of (value of `byte`) * 2**-k, for int32 bytes and int32 k >= 0.
+
+    Integer-only: normal results keep their mantissa and lose k from the exponent field;
+    subnormal results shift the significand right with round-to-nearest-even (the encoding runs
+    on from subnormals into normals, so a carry into 0x08 is the right byte); NaN stays NaN.
+    """
+    sign = byte & 0x80
+    mag = byte & 0x7F
+    ex = mag >> 3
+    man = mag & 0x7
+    new_ex = ex - k
+    normal = (tl.maximum(new_ex, 0) << 3) | man
+    # Subnormal result: the value is sig * 2**(max(ex, 1) - 1 - k) in units of 2**-9. A shift of
+    # 5 already sends the largest significand (15) below half a unit, so larger shifts are capped
+    # there (shift counts past the word width are undefined on the GPU).
+    sig = tl.where(ex > 0, man | 0x8, man)
+    sh = tl.minimum(tl.maximum(k + 1 - tl.maximum(ex, 1), 1), 5)
+    kept = sig >> sh
+    rem = sig - (kept << sh)
+    half = 1 << (sh - 1)
+    up = (rem > half) | ((rem == half) & ((kept & 1) == 1))
+    sub = kept + up.to(tl.int32)
+    out = tl.where((ex > 0) & (new_ex >= 1), normal, sub)
+    out = tl.where((k == 0) | (mag == 0x7F), mag, out)
+    return sign | out
+
+
+@triton.jit
+def _transpose_kernel(q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, M, K, KB, T,
+                      TILE_: tl.constexpr, GROUPED: tl.constexpr):
+    # One program per (tile slot t, column block kb): reads q[start:end, block] and s[rows, kb],
+    # writes qT[block, start:end] and sT[block, t].
+    t = tl.program_id(0)
+    kb = tl.program_id(1)
+    if GROUPED:
+        start = tl.load(ts_ptr + t)
+        end = tl.load(te_ptr + t)
+    else:
+        start = t * TILE_
+        end = tl.minimum(start + TILE_, M)
+    rows = start + tl.arange(0, TILE_)
+    cols = kb * TILE_ + tl.arange(0, TILE_)
+    rmask = (rows < end) & (rows < M)
+    byte = tl.load(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                   mask=rmask[:, None], other=0).to(tl.int32)
+    s = tl.load(s_ptr + rows.to(tl.int64) * KB + kb, mask=rmask, other=1.0)
+    s_ex = (s.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    nonzero = tl.max(((byte & 0x7F) != 0).to(tl.int32), axis=1) > 0
+    # Normal fp32 scales have exponent field >= 1, so 0 marks "no nonzero row" -> scale 1.
+    sc_ex = tl.max(tl.where(nonzero & rmask, s_ex, 0), axis=0)
+    sc_ex = tl.where(sc_ex == 0, 127, sc_ex)
+    k = tl.maximum(sc_ex - s_ex, 0)  # negative only for all-zero rows, whose bytes stay zero
+    out = shift_e4m3(byte, k[:, None])
+    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :],
+             tl.trans(out).to(tl.uint8), mask=rmask[None, :])
+    sc = (sc_ex << 23).to(tl.float32, bitcast=True)
+    tl.store(st_ptr + cols.to(tl.int64) * T + t, sc + tl.zeros([TILE_], tl.float32))
+
+
+@triton.jit
+def _zero_tail_kernel(qt_ptr, offs_ptr, G, M, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Rows past the last group end belong to no tile; their columns of qT become zero bytes.
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    tail = tl.load(offs_ptr + G - 1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = ((rows >= tail) & (rows < M))[None, :]
+    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :],
+             tl.zeros([BLOCK_K, BLOCK_M], tl.uint8), mask=mask)
+
+
+# ---------------------------------------------------------------- launcher
+
+_TAIL_BLOCK_K = 32
+_TAIL_BLOCK_M = 128
+
+
+def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
+                                   offs: torch.Tensor | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    M, K = q.shape
+    KB = K // TILE
+    T = max_tiles(M, None if offs is None else offs.numel())
+    qT = torch.empty(K, M, dtype=FP8, device=q.device)
+    # Every (slot, block) program writes its 128 scale entries, empty slots included.
+    sT = torch.empty(K, T, dtype=torch.float32, device=q.device)
+    if offs is None:
+        ts = te = torch.empty(1, dtype=torch.int32, device=q.device)
+    else:
+        ts, te = tile_bounds(offs, M, device=q.device)
+    if T and KB:
+        _transpose_kernel[(T, KB)](q.view(torch.uint8), s, qT.view(torch.uint8), sT, ts, te,
+                                   M, K, KB, T, TILE_=TILE, GROUPED=offs is not None,
+                                   num_warps=8)
+    if offs is not None and M and K:
+        grid = (cdiv(K, _TAIL_BLOCK_K), cdiv(M, _TAIL_BLOCK_M))
+        _zero_tail_kernel[grid](qT.view(torch.uint8), offs, offs.numel(), M,
+                                BLOCK_K=_TAIL_BLOCK_K, BLOCK_M=_TAIL_BLOCK_M)
+    return qT, sT
+
+
+# ---------------------------------------------------------------- checks and custom op
+
+def _check(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None) -> None:
+    require(q.dim() == 2, _OP, f"data must be 2-D, got shape {tuple(q.shape)}")
+    require_dtype(q, (FP8,), _OP, "data")
+    require_dtype(s, (torch.float32,), _OP, "scales")
+    M, K = q.shape
+    require(K % TILE == 0, _OP, f"K = {K} must be a multiple of {TILE} (whole 1x{TILE} tiles)")
+    require(tuple(s.shape) == (M, K // TILE), _OP,
+            f"row-wise scales must have shape {(M, K // TILE)}, got {tuple(s.shape)}")
+    require(q.is_contiguous() and s.is_contiguous(), _OP, "data and scales must be contiguous")
+    if offs is not None:
+        require(offs.dim() == 1 and offs.numel() >= 1, _OP, "offs must be a non-empty 1-D tensor")
+        require_dtype(offs, (torch.int32,), _OP, "offs")
+        require(offs.device == q.device, _OP, "offs must be on the device of the data")
+    require(s.device == q.device, _OP, "scales must be on the device of the data")
+
+
+@torch.library.custom_op("fp8flow::scaling_aware_transpose", mutates_args=())
+def scaling_aware_transpose(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise 1x128 FP8 (q [M, K], s [M, K/128]) -> column-wise 1x128 FP8 (qT [K, M],
+    sT [K, T]) as quantize_1x128_col lays it out, tiles along M restarting at groups of `offs`."""
+    _check(q, s, offs)
+    fn = scaling_aware_transpose_triton if use_triton(q) else scaling_aware_transpose_ref
+    return fn(q, s, offs)
+
+
+@scaling_aware_transpose.register_fake
+def _(q, s, offs=None):
+    M, K = q.shape
+    T = max_tiles(M, None if offs is None else offs.shape[0])
+    return q.new_empty(K, M, dtype=FP8), q.new_empty(K, T, dtype=torch.float32)
