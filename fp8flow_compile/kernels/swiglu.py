@@ -1,0 +1,315 @@
+"""SwiGLU (optionally weighted by the router probability) fused with the 1x128 quantization.
+
+FP8-Flow-MoE's "fused weighted SwiGLU + quant": the FC1 output h [P, 2I] holds the gate
+projection in h[:, :I] and the up projection in h[:, I:]. Forward:
+
+    y = silu(gate) * up * probs[:, None]            (fp32, probs optional)
+    swiglu_quant(h, probs) -> (q [P, I] E4M3, s [P, I/128] fp32)   row-wise 1x128 along I
+
+Backward, from dy [P, I] (the FC2 dgrad output, high precision):
+
+    d_gate = dy * up * silu'(gate) * probs,  d_up = dy * silu(gate) * probs
+    dprobs = sum_i dy * silu(gate) * up
+    swiglu_quant_backward(dy, h, probs) -> (dh_q [P, 2I] E4M3, dh_s [P, 2I/128], dprobs [P] fp32)
+
+dh is quantized row-wise along 2I because the FC1 dgrad GEMM contracts 2I; its first I/128 scale
+columns belong to d_gate, the rest to d_up. dprobs is [0] when probs is None. I must be a
+multiple of 128 so no tile straddles the gate/up boundary.
+
+Everything is computed in fp32: silu(g) = g * sigmoid(g), silu'(g) = sigmoid(g) * (1 + g *
+(1 - sigmoid(g))), with sigmoid and 1 - sigmoid formed from e = exp(-|g|) (1 / (1 + e) and
+e / (1 + e)), so exp never overflows: a very negative g gives a tiny silu (-0 once exp(g)
+underflows), never inf * 0 = NaN.
+Only a non-finite input gives NaN, as the recipe's NaN rule wants. The Triton kernels and the
+torch references evaluate the same expressions in the same order; they differ only where exp
+differs in its last bits between implementations (and where the GPU contracts a*b+c into an FMA).
+
+`swiglu` and `swiglu_backward` are the unfused high-precision ops the naive recipe quantizes
+separately (one rounding to the input dtype, no FP8); having no tiles, they take any even width.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import require, require_dtype
+from ..recipe import TILE
+from . import fp8_math as fm
+from .common import FP8, HIGH, use_triton
+from .groups import cdiv
+from .quantize import quantize_1x128_ref
+
+# ---------------------------------------------------------------- torch reference (any device)
+
+
+def _sigmoid_ref(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmoid(g), 1 - sigmoid(g)) by the kernels' formula (not torch.sigmoid, whose vectorized
+    CPU code rounds differently)."""
+    e = torch.exp(-g.abs())
+    r = 1.0 / (1.0 + e)
+    er = e * r
+    pos = g >= 0
+    return torch.where(pos, r, er), torch.where(pos, er, r)
+
+
+def swiglu_ref(h: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up [* probs] in fp32, [P, I]."""
+    half = h.shape[1] // 2
+    g, u = h[:, :half].float(), h[:, half:].float()
+    y = g * _sigmoid_ref(g)[0] * u
+    if probs is not None:
+        y = y * probs.float()[:, None]
+    return y
+
+
+def swiglu_quant_ref(h: torch.Tensor, probs: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_1x128_ref(swiglu_ref(h, probs))
+
+
+def swiglu_backward_ref(dy: torch.Tensor, h: torch.Tensor, probs: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh [P, 2I] fp32, dprobs [P] fp32 or [0])."""
+    half = h.shape[1] // 2
+    g, u = h[:, :half].float(), h[:, half:].float()
+    d = dy.float()
+    sig, sig_c = _sigmoid_ref(g)
+    d_gate = d * u * (sig * (1.0 + g * sig_c))
+    d_up = d * (g * sig)
+    if probs is None:
+        dprobs = torch.empty(0, dtype=torch.float32, device=h.device)
+    else:
+        p = probs.float()[:, None]
+        dprobs = (d_up * u).sum(1)
+        d_gate, d_up = d_gate * p, d_up * p
+    return torch.cat([d_gate, d_up], 1), dprobs
+
+
+def swiglu_quant_backward_ref(dy: torch.Tensor, h: torch.Tensor,
+                              probs: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dh, dprobs = swiglu_backward_ref(dy, h, probs)
+    return (*quantize_1x128_ref(dh), dprobs)
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _sigmoid(g):
+    """(sigmoid(g), 1 - sigmoid(g)) from e = exp(-|g|) <= 1: exp never overflows, and both
+    sigmoid and its complement keep full relative precision (1 - sigmoid(30) is 9e-14, not 0)."""
+    e = tl.exp(-tl.abs(g))  # tl.exp: the interpreter has no libdevice
+    r = 1.0 / (1.0 + e)
+    er = e * r
+    pos = g >= 0
+    return tl.where(pos, r, er), tl.where(pos, er, r)
+
+
+@triton.jit
+def _swiglu_quant_kernel(h_ptr, p_ptr, q_ptr, s_ptr, v_ptr, P, half, T,
+                         BLOCK_R: tl.constexpr, TILE_: tl.constexpr,
+                         HAS_PROBS: tl.constexpr, STORE_VALUE: tl.constexpr):
+    pid_r = tl.program_id(0)
+    t = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = t * TILE_ + tl.arange(0, TILE_)
+    rmask = rows < P
+    mask = rmask[:, None] & (cols < half)[None, :]
+    h_offs = rows[:, None].to(tl.int64) * (2 * half) + cols[None, :]
+    g = tl.load(h_ptr + h_offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(h_ptr + h_offs + half, mask=mask, other=0.0).to(tl.float32)
+    y = g * _sigmoid(g)[0] * u
+    if HAS_PROBS:
+        p = tl.load(p_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        y = y * p[:, None]
+    y_offs = rows[:, None].to(tl.int64) * half + cols[None, :]
+    if STORE_VALUE:
+        tl.store(v_ptr + y_offs, y, mask=mask)
+    byte, scale = fm.quantize_tile(y, 1)
+    tl.store(q_ptr + y_offs, byte.to(tl.uint8), mask=mask)
+    tl.store(s_ptr + rows.to(tl.int64) * T + t, scale, mask=rmask)
+
+
+@triton.jit
+def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, p_ptr, q_ptr, s_ptr, dp_ptr, v_ptr, P,
+                             T: tl.constexpr, BLOCK_R: tl.constexpr, TILE_: tl.constexpr,
+                             HAS_PROBS: tl.constexpr, STORE_VALUE: tl.constexpr):
+    # One program per row block walks all of I, so dprobs is summed in one fixed order
+    # (deterministic, no atomics, no second pass). T = I / TILE_ tiles per half of dh; it is a
+    # constexpr because the interpreter (triton 3.6 with numpy 2) cannot loop to a runtime
+    # bound, and I is fixed per model anyway.
+    half = T * TILE_
+    pid_r = tl.program_id(0)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < P
+    rows64 = rows.to(tl.int64)
+    if HAS_PROBS:
+        p = tl.load(p_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for t in range(0, T):
+        cols = t * TILE_ + tl.arange(0, TILE_)
+        mask = rmask[:, None] & (cols < half)[None, :]
+        h_offs = rows64[:, None] * (2 * half) + cols[None, :]
+        g = tl.load(h_ptr + h_offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + h_offs + half, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(dy_ptr + rows64[:, None] * half + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        sig, sig_c = _sigmoid(g)
+        d_gate = d * u * (sig * (1.0 + g * sig_c))
+        d_up = d * (g * sig)
+        if HAS_PROBS:
+            acc += tl.sum(d_up * u, axis=1)
+            d_gate = d_gate * p[:, None]
+            d_up = d_up * p[:, None]
+        if STORE_VALUE:
+            tl.store(v_ptr + h_offs, d_gate, mask=mask)
+            tl.store(v_ptr + h_offs + half, d_up, mask=mask)
+        byte, scale = fm.quantize_tile(d_gate, 1)
+        tl.store(q_ptr + h_offs, byte.to(tl.uint8), mask=mask)
+        tl.store(s_ptr + rows64 * (2 * T) + t, scale, mask=rmask)
+        byte, scale = fm.quantize_tile(d_up, 1)
+        tl.store(q_ptr + h_offs + half, byte.to(tl.uint8), mask=mask)
+        tl.store(s_ptr + rows64 * (2 * T) + T + t, scale, mask=rmask)
+    if HAS_PROBS:
+        tl.store(dp_ptr + rows, acc, mask=rmask)
+
+
+# ---------------------------------------------------------------- launchers
+
+_BLOCK_R = 32
+
+
+def swiglu_quant_triton(h: torch.Tensor, probs: torch.Tensor | None = None,
+                        value_out: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """value_out (fp32 [P, I], optional) receives the fp32 values the kernel quantized, so tests
+    can check the quantization bit-exactly apart from the transcendental's last ulp."""
+    P, half = h.shape[0], h.shape[1] // 2
+    T = half // TILE
+    q = torch.empty(P, half, dtype=FP8, device=h.device)
+    s = torch.empty(P, T, dtype=torch.float32, device=h.device)
+    if P and T:
+        _swiglu_quant_kernel[(cdiv(P, _BLOCK_R), T)](
+            h, h if probs is None else probs, q.view(torch.uint8), s,
+            s if value_out is None else value_out, P, half, T,
+            BLOCK_R=_BLOCK_R, TILE_=TILE, HAS_PROBS=probs is not None,
+            STORE_VALUE=value_out is not None)
+    return q, s
+
+
+def swiglu_quant_backward_triton(dy: torch.Tensor, h: torch.Tensor,
+                                 probs: torch.Tensor | None = None,
+                                 value_out: torch.Tensor | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """value_out (fp32 [P, 2I], optional): the fp32 dh the kernel quantized, for tests."""
+    P, half = h.shape[0], h.shape[1] // 2
+    T = half // TILE
+    q = torch.empty(P, 2 * half, dtype=FP8, device=h.device)
+    s = torch.empty(P, 2 * T, dtype=torch.float32, device=h.device)
+    dprobs = torch.empty(0 if probs is None else P, dtype=torch.float32, device=h.device)
+    if P and T:
+        _swiglu_quant_bwd_kernel[(cdiv(P, _BLOCK_R),)](
+            dy, h, h if probs is None else probs, q.view(torch.uint8), s,
+            s if probs is None else dprobs, s if value_out is None else value_out, P, T=T,
+            BLOCK_R=_BLOCK_R, TILE_=TILE, HAS_PROBS=probs is not None,
+            STORE_VALUE=value_out is not None)
+    elif probs is not None:
+        dprobs.zero_()  # I == 0: an empty sum
+    return q, s, dprobs
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_h(h: torch.Tensor, probs: torch.Tensor | None, op: str, tiled: bool = True) -> None:
+    require(h.dim() == 2, op, f"h must be 2-D [P, 2I], got shape {tuple(h.shape)}")
+    require_dtype(h, HIGH, op, "h")
+    require(h.is_contiguous(), op, f"h must be contiguous, got strides {tuple(h.stride())}")
+    C = h.shape[1]
+    require(C % 2 == 0, op, f"h.shape[1] = 2I = {C} must be even ([gate, up] halves)")
+    require(not tiled or C // 2 % TILE == 0, op,
+            f"I = h.shape[1] // 2 = {C // 2} must be a multiple of {TILE} "
+            f"(1x{TILE} tiles may not straddle the gate/up boundary)")
+    if probs is None:
+        return
+    require(tuple(probs.shape) == (h.shape[0],), op,
+            f"probs must have shape ({h.shape[0]},) (one per row of h), got {tuple(probs.shape)}")
+    require_dtype(probs, HIGH, op, "probs")
+    require(probs.is_contiguous(), op, "probs must be contiguous")
+    require(probs.device == h.device, op,
+            f"probs is on {probs.device} but h is on {h.device}")
+
+
+def _check_dy(dy: torch.Tensor, h: torch.Tensor, op: str) -> None:
+    shape = (h.shape[0], h.shape[1] // 2)
+    require(tuple(dy.shape) == shape, op, f"dy must have shape {shape}, got {tuple(dy.shape)}")
+    require_dtype(dy, HIGH, op, "dy")
+    require(dy.is_contiguous(), op, f"dy must be contiguous, got strides {tuple(dy.stride())}")
+    require(dy.device == h.device, op, f"dy is on {dy.device} but h is on {h.device}")
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fp8flow::swiglu_quant", mutates_args=())
+def swiglu_quant(h: torch.Tensor, probs: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(h[:, :I]) * h[:, I:] [* probs] in fp32, quantized 1x128 along I:
+    (q [P, I] E4M3, s [P, I/128] fp32)."""
+    _check_h(h, probs, "swiglu_quant")
+    return (swiglu_quant_triton if use_triton(h) else swiglu_quant_ref)(h, probs)
+
+
+@swiglu_quant.register_fake
+def _(h, probs=None):
+    P, half = h.shape[0], h.shape[1] // 2
+    return h.new_empty(P, half, dtype=FP8), h.new_empty(P, half // TILE, dtype=torch.float32)
+
+
+@torch.library.custom_op("fp8flow::swiglu_quant_backward", mutates_args=())
+def swiglu_quant_backward(dy: torch.Tensor, h: torch.Tensor, probs: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient of swiglu_quant's SwiGLU w.r.t. h, quantized 1x128 along 2I, and w.r.t. probs:
+    (dh_q [P, 2I] E4M3, dh_s [P, 2I/128] fp32, dprobs [P] fp32, or [0] without probs)."""
+    _check_h(h, probs, "swiglu_quant_backward")
+    _check_dy(dy, h, "swiglu_quant_backward")
+    fn = swiglu_quant_backward_triton if use_triton(h) else swiglu_quant_backward_ref
+    return fn(dy, h, probs)
+
+
+@swiglu_quant_backward.register_fake
+def _(dy, h, probs=None):
+    P, C = h.shape
+    return (h.new_empty(P, C, dtype=FP8), h.new_empty(P, C // TILE, dtype=torch.float32),
+            h.new_empty(0 if probs is None else P, dtype=torch.float32))
+
+
+@torch.library.custom_op("fp8flow::swiglu", mutates_args=())
+def swiglu(h: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Unfused SwiGLU [P, I] in h's dtype (fp32 math, one rounding): the naive recipe's op."""
+    _check_h(h, probs, "swiglu", tiled=False)
+    return swiglu_ref(h, probs).to(h.dtype)
+
+
+@swiglu.register_fake
+def _(h, probs=None):
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@torch.library.custom_op("fp8flow::swiglu_backward", mutates_args=())
+def swiglu_backward(dy: torch.Tensor, h: torch.Tensor, probs: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfused SwiGLU backward: (dh [P, 2I] in dy's dtype, dprobs [P] fp32 or [0])."""
+    _check_h(h, probs, "swiglu_backward", tiled=False)
+    _check_dy(dy, h, "swiglu_backward")
+    dh, dprobs = swiglu_backward_ref(dy, h, probs)
+    return dh.to(dy.dtype), dprobs
+
+
+@swiglu_backward.register_fake
+def _(dy, h, probs=None):
+    return (h.new_empty(h.shape, dtype=dy.dtype),
+            h.new_empty(0 if probs is None else h.shape[0], dtype=torch.float32))
