@@ -1,0 +1,34 @@
+"""Timing and environment helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+
+import torch
+
+
+def env_line() -> str:
+    import triton
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    return (f"{datetime.date.today().isoformat()} | {dev} | torch {torch.__version__} | "
+            f"triton {triton.__version__} | CUDA {torch.version.cuda}")
+
+
+def bench_ms(fn, warmup_ms: int = 25, rep_ms: int = 200) -> float:
+    """Median milliseconds of fn() measured with CUDA events (triton.testing.do_bench)."""
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))

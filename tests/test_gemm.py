@@ -1,0 +1,496 @@
+"""FP8 GEMMs (fprop, dgrad, wgrad; dense and grouped) against float64 matmul.
+
+Two kinds of bound:
+- vs float64 matmul of the dequantized operands: those operands are exact, so the only errors are
+  the fp32 accumulation and the final bf16 rounding.
+- end to end vs float64 matmul of the original bf16 inputs: the E4M3 rounding of each operand on
+  top of that.
+"""
+
+import pytest
+import torch
+
+from fp8flow_compile import Fp8Unsupported
+from fp8flow_compile.kernels import gemm as G
+from fp8flow_compile.kernels import quantize as Q
+from fp8flow_compile.kernels.groups import tile_bounds
+from fp8flow_compile.recipe import TILE
+
+FP8 = torch.float8_e4m3fn
+BF16, F32 = torch.bfloat16, torch.float32
+# fp32 unit roundoff.
+U32 = 2.0**-24
+# E4M3 keeps 3 mantissa bits: round-to-nearest moves a normal value by at most 2^-4 of itself;
+# below 2^-6 the grid step is 2^-9, so the absolute error is <= 2^-10 (times the tile scale).
+E4M3_REL = 2.0**-4
+E4M3_ABS_SUB = 2.0**-10
+
+OFFS_CASES = {
+    # empty first and third groups, sizes 100 and 150 (not multiples of 16), rows 250.. in no group
+    "empty_and_tail": [0, 100, 100, 250],
+    # every row in group 0, the other groups empty
+    "one_group": [300, 300, 300, 300],
+    # ragged sizes 37, 133, 130 (partial tiles everywhere)
+    "ragged": [37, 37, 170, 300],
+}
+P = 300  # grouped rows
+
+
+def rnd(shape, seed, kind="heavy", dtype=BF16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if kind == "heavy":
+        x = x * torch.exp(3 * torch.randn(shape, generator=g))
+    elif kind == "tiny":  # scales far below 1 (still far above the 2^-126 clamp)
+        x = x * 1e-20
+    return x.to(dtype)
+
+
+def acc_bound(absprod, k):
+    """fp32 accumulation of k exact products with power-of-two rescaling: gamma_k < 2 k u per
+    element times sum |a||b|, plus gradual underflow (<= 2^-150 per operation, 2 k operations)."""
+    return 2 * k * U32 * absprod + 2 * k * 2.0**-150
+
+
+def out_bound(exact, acc, out_dtype):
+    if out_dtype == BF16:
+        # Final round-to-nearest to bf16 (8 significant bits): half an ulp is at most 2^-8 of
+        # the value; bf16 subnormals have spacing 2^-133.
+        return acc + 2.0**-8 * (exact.abs() + acc) + 2.0**-134
+    return acc
+
+
+def assert_within(out, exact, bound):
+    err = (out.double() - exact).abs()
+    ok = err <= bound
+    assert ok.all(), (f"{(~ok).sum().item()} of {ok.numel()} elements out of bound; "
+                      f"worst err/bound {(err / bound).max().item():.3g}")
+
+
+def check_gemm(out, a64, b64, out_dtype):
+    """out [M, N] vs a64 [M, K] @ b64 [K, N] (float64, exact operands)."""
+    exact = a64 @ b64
+    bound = out_bound(exact, acc_bound(a64.abs() @ b64.abs(), a64.shape[1]), out_dtype)
+    assert_within(out, exact, bound)
+
+
+def fp8_operand_error(x64, scale64):
+    """A priori bound on |dequant(quant(x)) - x| per element."""
+    return E4M3_REL * x64.abs() + E4M3_ABS_SUB * scale64
+
+
+def check_end_to_end(out, a64, ea, b64, eb, aq64, bq64, out_dtype):
+    """out vs a64 @ b64 (original inputs), where the FP8 operands aq64/bq64 differ from them by
+    at most ea/eb per element: |aq bq - a b| <= ea|b| + |a|eb + ea eb, summed over k."""
+    exact = a64 @ b64
+    quant = ea @ b64.abs() + a64.abs() @ eb + ea @ eb
+    acc = acc_bound(aq64.abs() @ bq64.abs(), a64.shape[1])
+    assert_within(out, exact, out_bound(exact, acc + quant, out_dtype) + quant)
+
+
+def deq_rows(q, s, offs=None):
+    return Q.dequantize_1x128_ref(q, s, offs).double()
+
+
+def deq_w(q, s):
+    return Q.dequantize_128x128_ref(q, s).double()
+
+
+def scale_of_rows(s, cols, offs=None):
+    ones = torch.ones(s.shape[0], cols).to(FP8)
+    return Q.dequantize_1x128_ref(ones, s, offs).double()
+
+
+def scale_of_blocks(s, shape):
+    return Q.dequantize_128x128_ref(torch.ones(shape).to(FP8), s).double()
+
+
+IMPLS = {
+    "ref": (G.gemm_fp8_ref, G.grouped_gemm_fp8_ref, G.gemm_fp8_wgrad_ref,
+            G.grouped_gemm_fp8_wgrad_ref),
+    "triton": (G.gemm_fp8_triton, G.grouped_gemm_fp8_triton, G.gemm_fp8_wgrad_triton,
+               G.grouped_gemm_fp8_wgrad_triton),
+}
+
+
+# ---------------------------------------------------------------- dense fprop / dgrad
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("trans_b,out_dtype", [(True, BF16), (False, BF16), (True, F32),
+                                               (False, F32)])
+def test_gemm_fp8_vs_float64(impl, trans_b, out_dtype):
+    gemm = IMPLS[impl][0]
+    M = 200
+    # fprop: y [M, 192] = x [M, 256] @ W^T, W [192, 256];
+    # dgrad: dx [M, 200] = dy [M, 256] @ W, W [256, 200] contracted over its first dim.
+    w_shape = (192, 256) if trans_b else (256, 200)
+    k = w_shape[1] if trans_b else w_shape[0]
+    aq, as_ = Q.quantize_1x128_ref(rnd((M, k), 1))
+    bq, bs = Q.quantize_128x128_ref(rnd(w_shape, 2, "normal") * 0.05)
+    out = gemm(aq, as_, bq, bs, trans_b, out_dtype)
+    assert out.dtype == out_dtype and out.shape == (M, w_shape[0] if trans_b else w_shape[1])
+    w64 = deq_w(bq, bs)
+    check_gemm(out, deq_rows(aq, as_), w64.t() if trans_b else w64, out_dtype)
+
+
+def test_dgrad_orientation_matches_explicit_transpose():
+    """Reading W [N, K] as [K_contracted, N_out] through strides == materialising W^T: 128x128
+    blocks of W^T are the transposed blocks of W, so both calls do identical arithmetic."""
+    aq, as_ = Q.quantize_1x128_ref(rnd((150, 256), 3))
+    bq, bs = Q.quantize_128x128_ref(rnd((256, 200), 4, "normal"))
+    via_strides = G.gemm_fp8_triton(aq, as_, bq, bs, trans_b=False, out_dtype=F32)
+    bqt = bq.view(torch.uint8).t().contiguous().view(FP8)
+    explicit = G.gemm_fp8_triton(aq, as_, bqt, bs.t().contiguous(), trans_b=True, out_dtype=F32)
+    assert torch.equal(via_strides, explicit)
+
+
+def test_tiny_activations():
+    aq, as_ = Q.quantize_1x128_ref(rnd((64, 256), 5, "tiny"))
+    bq, bs = Q.quantize_128x128_ref(rnd((128, 256), 6, "normal"))
+    out = G.gemm_fp8_triton(aq, as_, bq, bs, True, BF16)
+    assert out.abs().max() < 1e-15 and (out != 0).float().mean() > 0.9
+    check_gemm(out, deq_rows(aq, as_), deq_w(bq, bs).t(), BF16)
+
+
+# ---------------------------------------------------------------- grouped fprop / dgrad
+
+def check_grouped(out, a64, w64, offs, trans_b, out_dtype):
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        wg = w64[g].t() if trans_b else w64[g]
+        if end > start:
+            check_gemm(out[start:end], a64[start:end], wg, out_dtype)
+        start = end
+    assert (out[start:] == 0).all()  # rows past offs[-1] belong to no group
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case,trans_b", [("empty_and_tail", True), ("one_group", True),
+                                          ("ragged", True), ("empty_and_tail", False)])
+def test_grouped_gemm_fp8_vs_float64(impl, case, trans_b):
+    grouped = IMPLS[impl][1]
+    offs = torch.tensor(OFFS_CASES[case], dtype=torch.int32)
+    E = offs.numel()
+    w_shape = (E, 192, 256) if trans_b else (E, 256, 192)
+    aq, as_ = Q.quantize_1x128_ref(rnd((P, 256), 7))
+    # Row past offs[-1] hold NaN: they must not leak into any group's output.
+    aq.view(torch.uint8)[OFFS_CASES[case][-1]:] = 0x7F
+    bq, bs = Q.quantize_128x128_ref(rnd(w_shape, 8, "normal") * 0.05)
+    out = grouped(aq, as_, bq, bs, offs, trans_b, BF16)
+    assert out.shape == (P, 192)
+    check_grouped(out, deq_rows(aq, as_), deq_w(bq, bs), offs, trans_b, BF16)
+
+
+@pytest.mark.parametrize("config", [G.GemmConfig(block_m=32, block_n=64, block_k=64, group_m=2),
+                                    G.GemmConfig(block_m=64, block_n=256, group_m=1)])
+def test_grouped_gemm_fp8_other_tiles(config):
+    """Smaller/larger tiles: two K steps per scale tile, one scale block spanning several output
+    tiles or several scale blocks in one tile, and the launch-order bands."""
+    offs = torch.tensor(OFFS_CASES["ragged"], dtype=torch.int32)
+    aq, as_ = Q.quantize_1x128_ref(rnd((P, 256), 9))
+    bq, bs = Q.quantize_128x128_ref(rnd((4, 200, 256), 10, "normal"))
+    out = G.grouped_gemm_fp8_triton(aq, as_, bq, bs, offs, True, F32, config)
+    check_grouped(out, deq_rows(aq, as_), deq_w(bq, bs), offs, True, F32)
+
+
+def test_grouped_tile_schedule():
+    offs = torch.tensor([0, 100, 100, 250], dtype=torch.int32)
+    sched = G.grouped_tile_schedule(offs, 300, 64)
+    assert sched.shape == (300 // 64 + 1 + 4, 3)  # max_tiles(300, 4, 64)
+    want = [(1, 0, 64), (1, 64, 100), (3, 100, 164), (3, 164, 228), (3, 228, 250),
+            (4, 250, 300)]
+    got = [tuple(r) for r in sched.tolist() if r[2] > r[1]]
+    assert got == want
+    assert all(r[1] == r[2] for r in sched.tolist()[len(want):])  # unused slots store nothing
+
+
+# ---------------------------------------------------------------- wgrad
+
+def wgrad_operands(offs, n=192, k=256, seed=11, kind="heavy"):
+    dy = rnd((P, n), seed, kind)
+    x = rnd((P, k), seed + 1)
+    return dy, x, Q.quantize_1x128_col_ref(dy, offs), Q.quantize_1x128_col_ref(x, offs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case,out_dtype", [("empty_and_tail", F32), ("one_group", F32),
+                                            ("ragged", BF16)])
+def test_grouped_wgrad_vs_float64(impl, case, out_dtype):
+    wgrad = IMPLS[impl][3]
+    offs = torch.tensor(OFFS_CASES[case], dtype=torch.int32)
+    _, _, (aq, as_), (bq, bs) = wgrad_operands(offs)
+    out = wgrad(aq, as_, bq, bs, offs, out_dtype)
+    assert out.shape == (4, 192, 256) and out.dtype == out_dtype
+    a64, b64 = deq_rows(aq, as_, offs), deq_rows(bq, bs, offs)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            check_gemm(out[g], a64[:, start:end], b64[:, start:end].t(), out_dtype)
+        else:
+            assert (out[g] == 0).all()  # empty group
+        start = end
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dense_wgrad_vs_float64(impl):
+    wgrad = IMPLS[impl][2]
+    _, _, (aq, as_), (bq, bs) = wgrad_operands(None, kind="tiny")
+    out = wgrad(aq, as_, bq, bs, F32)
+    assert out.shape == (192, 256)
+    check_gemm(out, deq_rows(aq, as_), deq_rows(bq, bs).t(), F32)
+
+
+def test_wgrad_other_tiles():
+    offs = torch.tensor(OFFS_CASES["ragged"], dtype=torch.int32)
+    _, _, (aq, as_), (bq, bs) = wgrad_operands(offs, n=100, k=160)
+    cfg = G.GemmConfig(block_m=32, block_n=64, block_k=32, group_m=2)
+    out = G.grouped_gemm_fp8_wgrad_triton(aq, as_, bq, bs, offs, F32, cfg)
+    a64, b64 = deq_rows(aq, as_, offs), deq_rows(bq, bs, offs)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        check_gemm(out[g], a64[:, start:end], b64[:, start:end].t(), F32)
+        start = end
+
+
+def test_wgrad_group_table_matches_tile_bounds():
+    offs = torch.tensor([0, 130, 130, 300, 301], dtype=torch.int32)
+    table = G.wgrad_group_table(offs, 320, offs.device).tolist()
+    starts, ends = tile_bounds(offs, 320)
+    for first, end, slot in table:
+        j = 0
+        while first + j * TILE < end:
+            assert starts[slot + j] == first + j * TILE
+            assert ends[slot + j] == min(first + (j + 1) * TILE, end)
+            j += 1
+
+
+# ---------------------------------------------------------------- end to end vs bf16 inputs
+
+def test_end_to_end_fprop_dgrad_vs_bf16_inputs():
+    x, w = rnd((200, 256), 12), rnd((192, 256), 13, "normal") * 0.05
+    aq, as_ = Q.quantize_1x128_ref(x)
+    bq, bs = Q.quantize_128x128_ref(w)
+    x64, w64 = x.double(), w.double()
+    ex = fp8_operand_error(x64, scale_of_rows(as_, 256))
+    ew = fp8_operand_error(w64, scale_of_blocks(bs, w.shape))
+    y = G.gemm_fp8_triton(aq, as_, bq, bs, True, BF16)
+    check_end_to_end(y, x64, ex, w64.t(), ew.t(), deq_rows(aq, as_), deq_w(bq, bs).t(), BF16)
+    # dgrad of the same weight: dx = dy @ W, dy row-wise along W's first dim.
+    dy = rnd((200, 192), 14)
+    dq, ds = Q.quantize_1x128_ref(torch.nn.functional.pad(dy, (0, 64)))  # contract 256
+    dy64 = torch.nn.functional.pad(dy, (0, 64)).double()
+    wp = torch.nn.functional.pad(w, (0, 0, 0, 64))
+    bq2, bs2 = Q.quantize_128x128_ref(wp)
+    ed = fp8_operand_error(dy64, scale_of_rows(ds, 256))
+    ew2 = fp8_operand_error(wp.double(), scale_of_blocks(bs2, wp.shape))
+    dx = G.gemm_fp8_triton(dq, ds, bq2, bs2, False, BF16)
+    check_end_to_end(dx, dy64, ed, wp.double(), ew2, deq_rows(dq, ds), deq_w(bq2, bs2), BF16)
+
+
+def test_end_to_end_grouped_and_wgrad_vs_bf16_inputs():
+    offs = torch.tensor(OFFS_CASES["empty_and_tail"], dtype=torch.int32)
+    x, w = rnd((P, 256), 15), rnd((4, 192, 256), 16, "normal") * 0.05
+    aq, as_ = Q.quantize_1x128_ref(x)
+    bq, bs = Q.quantize_128x128_ref(w)
+    y = G.grouped_gemm_fp8_triton(aq, as_, bq, bs, offs, True, BF16)
+    x64, w64 = x.double(), w.double()
+    ex = fp8_operand_error(x64, scale_of_rows(as_, 256))
+    ew = fp8_operand_error(w64, scale_of_blocks(bs, w.shape))
+    xq64, wq64 = deq_rows(aq, as_), deq_w(bq, bs)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            check_end_to_end(y[start:end], x64[start:end], ex[start:end], w64[g].t(),
+                             ew[g].t(), xq64[start:end], wq64[g].t(), BF16)
+        start = end
+    assert (y[start:] == 0).all()
+
+    dy, x, (aq, as_), (bq, bs) = wgrad_operands(offs)
+    dw = G.grouped_gemm_fp8_wgrad_triton(aq, as_, bq, bs, offs, F32)
+    a64, b64 = dy.double().t(), x.double().t()
+    ea = fp8_operand_error(a64, scale_of_rows(as_, P, offs))
+    eb = fp8_operand_error(b64, scale_of_rows(bs, P, offs))
+    aq64, bq64 = deq_rows(aq, as_, offs), deq_rows(bq, bs, offs)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        sl = slice(start, end)
+        check_end_to_end(dw[g], a64[:, sl], ea[:, sl], b64[:, sl].t(), eb[:, sl].t(),
+                         aq64[:, sl], bq64[:, sl].t(), F32)
+        start = end
+
+
+def test_bound_detects_a_wrong_scale_tile():
+    """The float64 bound is tight enough to see one scale tile read from the wrong place."""
+    aq, as_ = Q.quantize_1x128_ref(rnd((64, 256), 17))
+    bq, bs = Q.quantize_128x128_ref(rnd((128, 256), 18, "normal"))
+    out = G.gemm_fp8_ref(aq, as_.flip(1).contiguous(), bq, bs, True, F32)
+    with pytest.raises(AssertionError):
+        check_gemm(out, deq_rows(aq, as_), deq_w(bq, bs).t(), F32)
+
+
+# ---------------------------------------------------------------- NaN rule
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_reaches_outputs_that_read_it(impl):
+    gemm, grouped, _, gwgrad = IMPLS[impl]
+    x = rnd((130, 256), 19, dtype=F32)
+    x[5, 200] = float("nan")
+    aq, as_ = Q.quantize_1x128_ref(x)
+    bq, bs = Q.quantize_128x128_ref(rnd((2, 128, 256), 20, "normal"))
+    y = gemm(aq, as_, bq[0], bs[0], True, BF16)
+    assert y[5].isnan().all() and not y[torch.arange(130) != 5].isnan().any()
+    offs = torch.tensor([3, 130], dtype=torch.int32)
+    y = grouped(aq, as_, bq, bs, offs, True, BF16)
+    assert y[5].isnan().all() and not y[torch.arange(130) != 5].isnan().any()
+
+    offs = torch.tensor(OFFS_CASES["ragged"], dtype=torch.int32)
+    dy = rnd((P, 64), 21, dtype=F32)
+    dy[100, 7] = float("nan")  # token 100 is in group 2
+    aq, as_ = Q.quantize_1x128_col_ref(dy, offs)
+    bq, bs = Q.quantize_1x128_col_ref(rnd((P, 128), 22), offs)
+    dw = gwgrad(aq, as_, bq, bs, offs, F32)
+    assert dw[2, 7].isnan().all()
+    dw[2, 7] = 0
+    assert not dw.isnan().any()
+
+
+# ---------------------------------------------------------------- custom ops: checks and fakes
+
+def _ops_inputs():
+    aq, as_ = Q.quantize_1x128_ref(rnd((40, 256), 23))
+    bq, bs = Q.quantize_128x128_ref(rnd((2, 64, 256), 24, "normal"))
+    offs = torch.tensor([10, 40], dtype=torch.int32)
+    wa = Q.quantize_1x128_col_ref(rnd((40, 64), 25), offs)
+    wb = Q.quantize_1x128_col_ref(rnd((40, 96), 26), offs)
+    return aq, as_, bq, bs, offs, wa, wb
+
+
+def test_custom_ops_match_reference_and_fake():
+    aq, as_, bq, bs, offs, wa, wb = _ops_inputs()
+    ops = torch.ops.fp8flow
+    cases = [
+        (ops.gemm_fp8, (aq, as_, bq[0], bs[0], True, BF16), G.gemm_fp8_ref),
+        (ops.grouped_gemm_fp8, (aq, as_, bq, bs, offs, True, BF16), G.grouped_gemm_fp8_ref),
+        (ops.grouped_gemm_fp8_wgrad, (*wa, *wb, offs, F32), G.grouped_gemm_fp8_wgrad_ref),
+    ]
+    da = Q.quantize_1x128_col_ref(rnd((40, 64), 27))
+    db = Q.quantize_1x128_col_ref(rnd((40, 96), 28))
+    cases.append((ops.gemm_fp8_wgrad, (*da, *db, F32), G.gemm_fp8_wgrad_ref))
+    for op, args, ref in cases:
+        assert torch.equal(op(*args), ref(*args))
+        # test_schema needs arithmetic torch lacks for float8 on CPU; the fakes are what
+        # compile relies on.
+        torch.library.opcheck(op, args, test_utils=("test_faketensor",
+                                                    "test_aot_dispatch_dynamic"))
+
+
+def _bad(aq, as_, bq, bs, offs, wa, wb):
+    ops = torch.ops.fp8flow
+    k200 = Q.quantize_1x128_ref(rnd((40, 200), 29))
+    col_major = aq.view(torch.uint8).t().contiguous().t().view(FP8)  # same shape, strides (1, 40)
+    w200 = Q.quantize_128x128_ref(rnd((64, 200), 30))
+    return [
+        (lambda: ops.gemm_fp8(*k200, *w200, True, BF16), "multiple of 128"),
+        (lambda: ops.gemm_fp8(aq.float(), as_, bq[0], bs[0], True, BF16), "a must have dtype"),
+        (lambda: ops.gemm_fp8(col_major, as_, bq[0], bs[0], True, BF16), "contiguous"),
+        (lambda: ops.gemm_fp8(aq, as_[:, :1].contiguous(), bq[0], bs[0], True, BF16),
+         "scales must have shape"),
+        (lambda: ops.gemm_fp8(aq, as_, bq[0], bs[0], False, BF16), "contracted dim"),
+        (lambda: ops.gemm_fp8(aq, as_, bq[0], bs[0], True, torch.float16), "out_dtype"),
+        (lambda: ops.gemm_fp8(aq, as_, bq, bs, True, BF16), "must be 2-D"),
+        (lambda: ops.grouped_gemm_fp8(aq, as_, bq[0], bs[0], offs, True, BF16), "3-D"),
+        (lambda: ops.grouped_gemm_fp8(aq, as_, bq, bs, offs.long(), True, BF16), "offs"),
+        (lambda: ops.grouped_gemm_fp8(aq, as_, bq, bs, offs[:1], True, BF16),
+         "one end per group"),
+        (lambda: ops.grouped_gemm_fp8_wgrad(wa[0], wa[1], wb[0][:, :30].contiguous(), wb[1],
+                                            offs, F32), "token dim"),
+        (lambda: ops.gemm_fp8_wgrad(*wa, *wb, F32), "scales must have shape"),
+    ]
+
+
+def test_bad_inputs_raise_fp8unsupported():
+    for fn, msg in _bad(*_ops_inputs()):
+        with pytest.raises(Fp8Unsupported, match=msg):
+            fn()
+
+
+# ---------------------------------------------------------------- GPU (compiled Triton)
+
+# On the GPU each 128-deep step is a fp8 tensor-core MMA whose internal accumulation keeps only
+# about 14 bits (it is promoted to fp32 after every step): per element at most ~2^-7 of
+# sum |a||b| in the worst case, far less in norm.
+GPU_ACC = 2.0**-7
+# Norm-wise: bf16 rounding is <= 2^-8 relative per element; the MMA error adds well below that
+# in norm for random data.
+GPU_NORM = 2.0**-7
+
+
+def check_gpu(out, a64, b64):
+    exact = a64 @ b64
+    bound = GPU_ACC * (a64.abs() @ b64.abs()) + 2.0**-8 * exact.abs() + 2.0**-134
+    assert_within(out.cpu(), exact, bound)
+    rel = (out.cpu().double() - exact).norm() / exact.norm()
+    assert rel <= GPU_NORM, rel.item()
+
+
+def _gpu_offs(P_, E):
+    g = torch.Generator().manual_seed(31)
+    sizes = torch.randint(0, 2 * P_ // E, (E,), generator=g)
+    sizes[1] = 0  # one empty group
+    ends = torch.cumsum(sizes, 0).clamp(max=P_ - 100)  # and rows past offs[-1]
+    return ends.to(torch.int32)
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_fprop_dgrad_wgrad():
+    Pg, K, N, E = 4096, 1024, 1024, 8
+    offs = _gpu_offs(Pg, E)
+    x, dy = rnd((Pg, K), 40), rnd((Pg, N), 41)
+    w = rnd((E, N, K), 42, "normal") * 0.03
+    ops = torch.ops.fp8flow
+    aq, as_ = Q.quantize_1x128_ref(x)
+    bq, bs = Q.quantize_128x128_ref(w)
+    dq, ds = Q.quantize_1x128_ref(dy)
+    cu = lambda *ts: [t.cuda() for t in ts]
+    y = ops.grouped_gemm_fp8(*cu(aq, as_, bq, bs, offs), True, BF16)
+    dx = ops.grouped_gemm_fp8(*cu(dq, ds, bq, bs, offs), False, BF16)
+    xq, wq, dyq = deq_rows(aq, as_), deq_w(bq, bs), deq_rows(dq, ds)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            check_gpu(y[start:end], xq[start:end], wq[g].t())
+            check_gpu(dx[start:end], dyq[start:end], wq[g])
+        start = end
+    assert (y[start:] == 0).all() and (dx[start:] == 0).all()
+
+    ta, tb = Q.quantize_1x128_col_ref(dy, offs), Q.quantize_1x128_col_ref(x, offs)
+    dw = ops.grouped_gemm_fp8_wgrad(*cu(*ta, *tb, offs), F32)
+    a64, b64 = deq_rows(*ta, offs), deq_rows(*tb, offs)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            check_gpu(dw[g], a64[:, start:end], b64[:, start:end].t())
+        else:
+            assert (dw[g] == 0).all()
+        start = end
+
+
+@pytest.mark.gpu
+def test_gpu_dense_and_scaled_mm_blockwise():
+    M, K, N = 2048, 1024, 1536
+    aq, as_ = Q.quantize_1x128_ref(rnd((M, K), 43))
+    bq, bs = Q.quantize_128x128_ref(rnd((N, K), 44, "normal") * 0.03)
+    a, s_a, b, s_b = (t.cuda() for t in (aq, as_, bq, bs))
+    y = torch.ops.fp8flow.gemm_fp8(a, s_a, b, s_b, True, BF16)
+    check_gpu(y, deq_rows(aq, as_), deq_w(bq, bs).t())
+    ta, tb = Q.quantize_1x128_col_ref(rnd((M, N), 45)), Q.quantize_1x128_col_ref(rnd((M, K), 46))
+    dw = torch.ops.fp8flow.gemm_fp8_wgrad(*(t.cuda() for t in (*ta, *tb)), F32)
+    check_gpu(dw, deq_rows(*ta), deq_rows(*tb).t())
+    # cuBLAS blockwise as a peer: scale_a column-major (M, K/128), scale_b the transpose of the
+    # contiguous (N/128, K/128) blocks.
+    F = torch.nn.functional
+    theirs = F.scaled_mm(a, b.t(), s_a.t().contiguous().t(), F.ScalingType.BlockWise1x128,
+                         s_b.t(), F.ScalingType.BlockWise128x128, output_dtype=BF16)
+    check_gpu(theirs, deq_rows(aq, as_), deq_w(bq, bs).t())
+    rel = (y.double() - theirs.double()).norm() / theirs.double().norm()
+    assert rel <= 2 * GPU_NORM, rel.item()
