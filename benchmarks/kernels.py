@@ -60,7 +60,7 @@ def cublas_blockwise(a_q, a_s, b_q, b_s, kind):
     if kind == "fwd":
         return F.scaled_mm(a_q, b_q.t(), col_major(a_s), ST.BlockWise1x128, b_s.t(),
                            ST.BlockWise128x128, output_dtype=torch.bfloat16)
-    return F.scaled_mm(a_q, b_q.t(), col_major(a_s), ST.BlockWise1x128, col_major(b_s).t(),
+    return F.scaled_mm(a_q, b_q.t(), col_major(a_s), ST.BlockWise1x128, col_major(b_s),
                        ST.BlockWise1x128, output_dtype=torch.bfloat16)
 
 
