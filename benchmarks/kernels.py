@@ -158,14 +158,14 @@ def main():
             rel_err(out, PM.unpermute_ref(y, maps.pos, None)) < 1e-2)
 
     w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) / 64
-    w13q, w13s = ops.quantize_128x128(w13)
-    r = Q.quantize_128x128_ref(w13)
-    mem_row("quantize_128x128 w13[E,2I,H]", lambda: ops.quantize_128x128(w13),
-            w13.numel() * 3, bw, same_bytes(w13q, r[0]) and torch.equal(w13s, r[1]))
+    w13q, w13s, w13qT, w13sT = ops.quantize_128x128_dual(w13)
+    r = Q.quantize_128x128_dual_ref(w13)
+    mem_row("quantize_128x128_dual w13[E,2I,H]", lambda: ops.quantize_128x128_dual(w13),
+            w13.numel() * 4, bw, same_bytes(w13q, r[0]) and same_bytes(w13qT, r[2]))
 
     # ---- GEMMs: each use at its shape, ours (best of a few configs) vs cuBLAS
     w2 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) / 32
-    w2q, w2s = ops.quantize_128x128(w2)
+    w2q, w2s, w2qT, w2sT = ops.quantize_128x128_dual(w2)
     configs = []
     for c in args.configs.split(","):
         mnk, rest = c.split("w")
@@ -192,8 +192,8 @@ def main():
     uses = [  # name, A (q, s), B (q, s), trans_b, K, N
         ("FC1 fprop", (xq_p, xs_p), (w13q, w13s), True, H, 2 * I),
         ("FC2 fprop", (aq, as_), (w2q, w2s), True, I, H),
-        ("FC2 dgrad", (dq_p, ds_p), (w2q, w2s), False, H, I),
-        ("FC1 dgrad", (dhq, dhs), (w13q, w13s), False, 2 * I, H),
+        ("FC2 dgrad", (dq_p, ds_p), (w2qT, w2sT), True, H, I),
+        ("FC1 dgrad", (dhq, dhs), (w13qT, w13sT), True, 2 * I, H),
     ]
     for name, (a_q, a_s), (b_q, b_s), tb, K, N in uses:
         flops = 2 * P * K * N

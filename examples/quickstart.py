@@ -43,6 +43,7 @@ def train(model, xs, targets, steps):
 CASTS = {"quantize_1x128": "activation/gradient (1x128 rows)",
          "quantize_1x128_col": "activation/gradient (1x128 columns)",
          "quantize_128x128": "weight (128x128 blocks)",
+         "quantize_128x128_dual": "weight (128x128 blocks, both orientations)",
          "dequantize_1x128": "dequantize", "dequantize_128x128": "dequantize"}
 
 

@@ -149,6 +149,17 @@ def test_quantize_128x128(shape):
     assert torch.equal(Q.dequantize_128x128_ref(q1, s1), Q.dequantize_128x128_triton(q1, s1))
 
 
+@pytest.mark.parametrize("shape", [(256, 384), (200, 130), (3, 256, 128)])
+def test_quantize_128x128_dual_is_the_transposed_bytes(shape):
+    w = heavy(shape, 12)
+    q, s = Q.quantize_128x128_ref(w)
+    for fn in (Q.quantize_128x128_dual_ref, Q.quantize_128x128_dual_triton):
+        q1, s1, qt, st = fn(w)
+        assert same_bytes(q1, q) and torch.equal(s1, s)
+        assert same_bytes(qt, q.transpose(-2, -1).contiguous())
+        assert torch.equal(st, s.transpose(-2, -1).contiguous())
+
+
 def test_custom_ops_registered_and_traceable():
     x = heavy((16, 256), 8)
     q, s = torch.ops.fp8flow.quantize_1x128(x)
@@ -202,5 +213,8 @@ def test_gpu_quantize_ops_match_reference():
     q, s = torch.ops.fp8flow.quantize_128x128(w.cuda())
     q2, s2 = Q.quantize_128x128_ref(w)
     assert same_bytes(q.cpu(), q2) and torch.equal(s.cpu(), s2)
+    outs = torch.ops.fp8flow.quantize_128x128_dual(w.cuda())
+    for o, r in zip(outs, Q.quantize_128x128_dual_ref(w)):
+        assert same_bytes(o.cpu(), r)
     assert torch.equal(torch.ops.fp8flow.dequantize_128x128(q, s).cpu(),
                        Q.dequantize_128x128_ref(q2, s2))

@@ -372,8 +372,11 @@ def _wgrad_fp8_kernel(
         # Both loops get their own stage buffers: 2 x 3 stages x 32 KiB at the default tiles,
         # within Hopper's 227 KiB, but num_stages=4 would not fit.
         if (tok_start % ALIGN == 0) & (tok_end % ALIGN == 0):
-            start = tl.multiple_of(tok_start, ALIGN)
-            end = tl.multiple_of(tok_end, ALIGN)
+            # The hints go on fresh values: tl.multiple_of marks the op that defines its
+            # argument, so hinting tok_start itself would leak the claim into the unaligned
+            # branch below (seen on the H100 as a misaligned-address fault).
+            start = tl.multiple_of((tok_start // ALIGN) * ALIGN, ALIGN)
+            end = tl.multiple_of((tok_end // ALIGN) * ALIGN, ALIGN)
             for p0 in range(start, end, BLOCK_K):
                 acc = _wgrad_step(acc, p0, start, end, a_ptr, as_ptr, b_ptr, bs_ptr,
                                   rows_ld, cols_ld, P, T, slot0, BLOCK_K, TILE_, COMPILED)

@@ -159,21 +159,30 @@ def _dequantize_rows_kernel(q_ptr, s_ptr, out_ptr, ts_ptr, te_ptr, R, C, T,
 
 
 @triton.jit
-def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, NB, KB, TILE_: tl.constexpr):
+def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NB, KB,
+                            TILE_: tl.constexpr, DUAL: tl.constexpr):
     e = tl.program_id(0)
     nb = tl.program_id(1)
     kb = tl.program_id(2)
     rows = nb * TILE_ + tl.arange(0, TILE_)
     cols = kb * TILE_ + tl.arange(0, TILE_)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
-    offs = e.to(tl.int64) * N * K + rows[:, None].to(tl.int64) * K + cols[None, :]
+    base = e.to(tl.int64) * N * K
+    offs = base + rows[:, None].to(tl.int64) * K + cols[None, :]
     x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     finite = tl.abs(x) < float("inf")
     amax = tl.max(tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1), axis=0)
     ex = fm.scale_exponent(amax)
     r = fm.round_e4m3(tl.where(finite, x, 0.0) * fm.exp2i(-ex))
-    tl.store(q_ptr + offs, fm.e4m3_bits(r, ~finite).to(tl.uint8), mask=mask)
+    byte = fm.e4m3_bits(r, ~finite).to(tl.uint8)
+    tl.store(q_ptr + offs, byte, mask=mask)
     tl.store(s_ptr + (e * NB + nb) * KB + kb, fm.exp2i(ex))
+    if DUAL:
+        # The same bytes, transposed: W^T [K, N] for the dgrad GEMM, whose tensor-core operand
+        # must have the contracted dim contiguous.
+        offs_t = base + cols[None, :].to(tl.int64) * N + rows[:, None]
+        tl.store(qt_ptr + offs_t, byte, mask=mask)
+        tl.store(st_ptr + (e * KB + kb) * NB + nb, fm.exp2i(ex))
 
 
 @triton.jit
@@ -245,15 +254,31 @@ def dequantize_1x128_triton(q, s, offs=None, out_dtype=torch.float32):
     return out
 
 
-def quantize_128x128_triton(w):
+def quantize_128x128_triton(w, dual: bool = False):
     *lead, N, K = w.shape
     E = w.numel() // max(N * K, 1)
     NB, KB = cdiv(N, TILE), cdiv(K, TILE)
     q = torch.empty_like(w, dtype=FP8)
     s = torch.empty(*lead, NB, KB, dtype=torch.float32, device=w.device)
+    qt = w.new_empty(*lead, K, N, dtype=FP8) if dual else q
+    st = w.new_empty(*lead, KB, NB, dtype=torch.float32) if dual else s
     if E and NB and KB:
-        _quantize_blocks_kernel[(E, NB, KB)](w, q.view(torch.uint8), s, N, K, NB, KB, TILE_=TILE)
-    return q, s
+        _quantize_blocks_kernel[(E, NB, KB)](w, q.view(torch.uint8), s, qt.view(torch.uint8), st,
+                                             N, K, NB, KB, TILE_=TILE, DUAL=dual)
+    return (q, s, qt, st) if dual else (q, s)
+
+
+def quantize_128x128_dual_triton(w):
+    return quantize_128x128_triton(w, dual=True)
+
+
+def quantize_128x128_dual_ref(w):
+    q, s = quantize_128x128_ref(w)
+    # clone, not contiguous(): with a size-1 dim the transpose is already contiguous and
+    # contiguous() would return an alias, which a custom op must not.
+    fmt = torch.contiguous_format
+    return (q, s, q.transpose(-2, -1).clone(memory_format=fmt),
+            s.transpose(-2, -1).clone(memory_format=fmt))
 
 
 def dequantize_128x128_triton(q, s, out_dtype=torch.float32):
@@ -379,3 +404,24 @@ def dequantize_128x128(q: torch.Tensor, s: torch.Tensor,
 @dequantize_128x128.register_fake
 def _(q, s, out_dtype=torch.float32):
     return q.new_empty(q.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8flow::quantize_128x128_dual", mutates_args=())
+def quantize_128x128_dual(w: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """128x128 block quantization in both orientations from one read of the weight:
+    (q [.., N, K], s [.., N/128, K/128], qT [.., K, N], sT [.., K/128, N/128]); qT holds the same
+    bytes as q, transposed, for GEMMs that contract N (dgrad)."""
+    op = "quantize_128x128_dual"
+    require(w.dim() in (2, 3), op, f"weight must be 2-D or 3-D, got shape {tuple(w.shape)}")
+    require_dtype(w, HIGH, op, "weight")
+    require(w.is_contiguous(), op, f"weight must be contiguous, got strides {tuple(w.stride())}")
+    return (quantize_128x128_dual_triton if use_triton(w) else quantize_128x128_dual_ref)(w)
+
+
+@quantize_128x128_dual.register_fake
+def _(w):
+    *lead, N, K = w.shape
+    nb, kb = cdiv(N, TILE), cdiv(K, TILE)
+    return (w.new_empty(w.shape, dtype=FP8), w.new_empty(*lead, nb, kb, dtype=torch.float32),
+            w.new_empty(*lead, K, N, dtype=FP8), w.new_empty(*lead, kb, nb, dtype=torch.float32))

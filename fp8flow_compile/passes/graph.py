@@ -1,0 +1,116 @@
+"""FX helpers shared by the passes: node creation with fake values, view stripping, phases."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+aten = torch.ops.aten
+
+#: Ops that only reinterpret or move data (the quantization may be hoisted above them).
+VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+            aten.expand.default, aten.alias.default}
+TRANSPOSE_OPS = {aten.permute.default, aten.t.default, aten.transpose.int}
+
+
+@dataclasses.dataclass
+class Ctx:
+    """What the passes share about one compile: the recipe, options, inputs and decisions."""
+
+    recipe: Any
+    options: dict
+    # Placeholder name -> (is_parameter, user-facing path) for the joint graph's primals.
+    params: dict[str, tuple[bool, str]]
+    gemms: list = dataclasses.field(default_factory=list)
+    log: list[str] = dataclasses.field(default_factory=list)
+
+
+def fake_mode_of(gm: fx.GraphModule):
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, fx.Node) else n
+
+
+def call(gm: fx.GraphModule, target, args: tuple, kwargs: dict | None = None,
+         name: str | None = None) -> fx.Node:
+    """Insert a call at the current insertion point and fill in its fake value."""
+    kwargs = kwargs or {}
+    node = gm.graph.call_function(target, args, kwargs)
+    mode = fake_mode_of(gm)
+    fargs = torch.fx.node.map_arg(args, val)
+    fkwargs = torch.fx.node.map_arg(kwargs, val)
+    with mode:
+        node.meta["val"] = target(*fargs, **fkwargs)
+    if name:
+        node.name = gm.graph._graph_namespace.create_name(name, None)
+    return node
+
+
+def call_multi(gm: fx.GraphModule, target, args: tuple, n_out: int, name: str | None = None
+               ) -> list[fx.Node]:
+    node = call(gm, target, args, name=name)
+    outs = []
+    for i in range(n_out):
+        g = gm.graph.call_function(operator.getitem, (node, i))
+        g.meta["val"] = node.meta["val"][i]
+        outs.append(g)
+    return outs
+
+
+def strip(n: fx.Node) -> tuple[fx.Node, bool]:
+    """Follow views and transposes of 2-D/3-D tensors back to their source.
+
+    Returns (source, transposed): whether the last two dims of `n` are swapped relative to the
+    source. Views that change the element order of the last two dims end the walk.
+    """
+    transposed = False
+    while isinstance(n, fx.Node) and n.op == "call_function":
+        if n.target in TRANSPOSE_OPS:
+            src = n.args[0]
+            nd = val(src).dim()
+            if n.target is aten.permute.default:
+                perm = [p % nd for p in n.args[1]]
+                if perm[:-2] != list(range(nd - 2)) or perm[-2:] != [nd - 1, nd - 2]:
+                    break
+            elif n.target is aten.transpose.int:
+                dims = sorted(d % nd for d in n.args[1:3])
+                if dims != [nd - 2, nd - 1]:
+                    break
+            transposed = not transposed
+            n = src
+        elif n.target in (aten.alias.default,):
+            n = n.args[0]
+        elif n.target in (aten.view.default, aten._unsafe_view.default) and (
+                tuple(val(n).shape) == tuple(val(n.args[0]).shape)):
+            n = n.args[0]
+        else:
+            break
+    return n, transposed
+
+
+def depends_on(node: fx.Node, sources: set[fx.Node], memo: dict) -> bool:
+    if node in memo:
+        return memo[node]
+    memo[node] = False
+    res = node in sources or any(
+        depends_on(a, sources, memo) for a in node.all_input_nodes)
+    memo[node] = res
+    return res
+
+
+def backward_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes of the joint graph that depend on a tangent (the backward part)."""
+    tangents = {n for n in gm.graph.nodes if n.op == "placeholder" and "tangents" in n.name}
+    out = set()
+    for n in gm.graph.nodes:
+        if n in tangents or any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out

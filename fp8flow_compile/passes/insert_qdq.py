@@ -1,0 +1,86 @@
+"""Insert Q/DQ: the naive FP8 graph, as TransformerEngine's blockwise recipe runs it.
+
+Expects: `ctx.gemms` from find_gemms. Guarantees: every GEMM marked fp8 is replaced by an
+fp8flow GEMM whose operands are quantized from their high-precision values on the axis that
+GEMM contracts: activations and gradients in 1x128 tiles (`quantize_1x128` when the contracted
+axis is the tensor's last dim, `quantize_1x128_col` when it is dim 0, i.e. the GEMM reads a
+transposed view), weights in 128x128 blocks (`quantize_128x128` of the parameter itself; its
+blocks serve the fprop orientation and the dgrad orientation alike). Quantize nodes carry
+`meta["fp8flow"] = {"role": "act" | "weight", "src": node}` for the counters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .graph import Ctx, call, call_multi, strip, val
+
+aten = torch.ops.aten
+ops = torch.ops.fp8flow
+
+
+def _contig(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
+    if val(n).is_contiguous():
+        return n
+    return call(gm, aten.clone.default, (n,), {"memory_format": torch.contiguous_format})
+
+
+def _quant(gm, target, x, offs, role) -> tuple[fx.Node, fx.Node]:
+    args = (x,) if target is ops.quantize_128x128.default else (x, offs)
+    q, s = call_multi(gm, target, args, 2, name=f"q_{x.name}")
+    q.args[0].meta["fp8flow"] = {"role": role, "src": x}
+    return q, s
+
+
+def quant_rows(gm, x: fx.Node, offs=None):
+    """1x128 tiles along the last dim of the 2-D operand x (the contracted axis)."""
+    src, transposed = strip(x)
+    if transposed and val(src).dim() == 2:
+        return _quant(gm, ops.quantize_1x128_col.default, _contig(gm, src), offs, "act")
+    return _quant(gm, ops.quantize_1x128.default, _contig(gm, x), offs, "act")
+
+
+def quant_rows_of_t(gm, x: fx.Node, offs=None):
+    """1x128 tiles along dim 0 of the 2-D operand x, returned in the layout of x^T."""
+    src, transposed = strip(x)
+    if transposed and val(src).dim() == 2:
+        return _quant(gm, ops.quantize_1x128.default, _contig(gm, src), offs, "act")
+    return _quant(gm, ops.quantize_1x128_col.default, _contig(gm, x), offs, "act")
+
+
+def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    for g in ctx.gemms:
+        if not g.fp8:
+            continue
+        n = g.node
+        out_dtype = val(n).dtype
+        with gm.graph.inserting_before(n):
+            if g.kind in ("mm", "addmm", "grouped"):
+                aq, as_ = quant_rows(gm, g.a, None)
+                if g.weight is not None:
+                    w, transposed = strip(g.b)
+                    wq, ws = _quant(gm, ops.quantize_128x128.default, w, None, "weight")
+                    if g.kind == "grouped":
+                        new = call(gm, ops.grouped_gemm_fp8.default,
+                                   (aq, as_, wq, ws, g.offs, transposed, out_dtype))
+                    else:
+                        new = call(gm, ops.gemm_fp8.default,
+                                   (aq, as_, wq, ws, transposed, out_dtype))
+                else:
+                    bq, bs = quant_rows_of_t(gm, g.b, None)
+                    new = call(gm, ops.gemm_fp8_wgrad.default, (aq, as_, bq, bs, out_dtype))
+                if g.kind == "addmm":
+                    new = call(gm, aten.add.Tensor, (new, n.args[0]))
+            else:  # grouped_wgrad: out[e] = A_e @ B_e, contracted over the grouped token axis
+                aq, as_ = quant_rows(gm, g.a, g.offs)
+                bq, bs = quant_rows_of_t(gm, g.b, g.offs)
+                new = call(gm, ops.grouped_gemm_fp8_wgrad.default,
+                           (aq, as_, bq, bs, g.offs, out_dtype))
+        new.meta["fp8flow"] = {"role": "gemm", "replaces": n.name}
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+        g.node = new
+    gm.graph.lint()
+    gm.recompile()
+    return gm
