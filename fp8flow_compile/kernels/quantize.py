@@ -137,8 +137,10 @@ def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, M, K, T,
     mask = (rows < end)[:, None] & kmask[None, :]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0)
     byte, scale = fm.quantize_tile(x.to(tl.float32), 0)
-    tl.store(qt_ptr + cols[None, :].to(tl.int64) * M + rows[:, None], byte.to(tl.uint8),
-             mask=mask)
+    # Store through a transposed tile so that the contiguous dim of the store (rows of x, i.e.
+    # the columns of qT) is the tile's fast dim: coalesced writes instead of strided bytes.
+    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :],
+             tl.trans(byte.to(tl.uint8)), mask=tl.trans(mask))
     tl.store(st_ptr + cols.to(tl.int64) * T + t, scale, mask=kmask)
 
 
@@ -180,8 +182,8 @@ def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NB, KB,
     if DUAL:
         # The same bytes, transposed: W^T [K, N] for the dgrad GEMM, whose tensor-core operand
         # must have the contracted dim contiguous.
-        offs_t = base + cols[None, :].to(tl.int64) * N + rows[:, None]
-        tl.store(qt_ptr + offs_t, byte, mask=mask)
+        offs_t = base + cols[:, None].to(tl.int64) * N + rows[None, :]
+        tl.store(qt_ptr + offs_t, tl.trans(byte), mask=tl.trans(mask))
         tl.store(st_ptr + (e * KB + kb) * NB + nb, fm.exp2i(ex))
 
 

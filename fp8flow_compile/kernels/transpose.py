@@ -140,16 +140,10 @@ def _transpose_kernel(q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, M, K, KB, T,
     sc_ex = tl.max(tl.where(nonzero & rmask, s_ex, 0), axis=0)
     sc_ex = tl.where(sc_ex == 0, 127, sc_ex)
     k = tl.maximum(sc_ex - s_ex, 0)  # negative only for all-zero rows, whose bytes stay zero
-    out = tl.trans(shift_e4m3(byte, k[:, None])).to(tl.uint8)
-    if start % 16 == 0:
-        # Padded expert groups start on 16-row boundaries: say so (on a fresh value, see
-        # gemm.py) so the transposed stores vectorise.
-        rows_a = tl.multiple_of((start // 16) * 16, 16) + tl.arange(0, TILE_)
-        tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows_a[None, :], out,
-                 mask=rmask[None, :])
-    else:
-        tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], out,
-                 mask=rmask[None, :])
+    # Narrow to bytes before the transpose: the layout change goes through shared memory, and
+    # int32 would move four times the bytes.
+    out = tl.trans(shift_e4m3(byte, k[:, None]).to(tl.uint8))
+    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], out, mask=rmask[None, :])
     sc = (sc_ex << 23).to(tl.float32, bitcast=True)
     tl.store(st_ptr + cols.to(tl.int64) * T + t, sc + tl.zeros([TILE_], tl.float32))
 
