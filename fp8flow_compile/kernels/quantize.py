@@ -214,22 +214,22 @@ def _bounds(offs, length, device):
     return s, e, True
 
 
-def quantize_1x128_triton(x, offs=None):
+def quantize_1x128_triton(x, offs=None, block_r: int = _BLOCK_R, num_warps: int = 4):
     R, C = x.shape
     T = max_tiles(C, None if offs is None else offs.numel())
     q = torch.empty(R, C, dtype=FP8, device=x.device)
     s = torch.ones(R, T, dtype=torch.float32, device=x.device)
     ts, te, grouped = _bounds(offs, C, x.device)
     if R and T:
-        _quantize_rows_kernel[(cdiv(R, _BLOCK_R), T)](
+        _quantize_rows_kernel[(cdiv(R, block_r), T)](
             x, q.view(torch.uint8), s, ts, te, R, C, T,
-            BLOCK_R=_BLOCK_R, TILE_=TILE, GROUPED=grouped)
+            BLOCK_R=block_r, TILE_=TILE, GROUPED=grouped, num_warps=num_warps)
     if grouped:  # columns outside every group are not written by the kernel
         q.view(torch.uint8)[:, _covered(offs, C).logical_not()] = 0
     return q, s
 
 
-def quantize_1x128_col_triton(x, offs=None, block_k: int = 64):
+def quantize_1x128_col_triton(x, offs=None, block_k: int = 64, num_warps: int = 4):
     M, K = x.shape
     T = max_tiles(M, None if offs is None else offs.numel())
     qt = torch.empty(K, M, dtype=FP8, device=x.device)
@@ -238,7 +238,7 @@ def quantize_1x128_col_triton(x, offs=None, block_k: int = 64):
     if K and T:
         _quantize_cols_kernel[(T, cdiv(K, block_k))](
             x, qt.view(torch.uint8), st, ts, te, M, K, T,
-            BLOCK_K=block_k, TILE_=TILE, GROUPED=grouped)
+            BLOCK_K=block_k, TILE_=TILE, GROUPED=grouped, num_warps=num_warps)
     if grouped:
         qt.view(torch.uint8)[:, _covered(offs, M).logical_not()] = 0
     return qt, st
@@ -256,7 +256,7 @@ def dequantize_1x128_triton(q, s, offs=None, out_dtype=torch.float32):
     return out
 
 
-def quantize_128x128_triton(w, dual: bool = False):
+def quantize_128x128_triton(w, dual: bool = False, num_warps: int = 4):
     *lead, N, K = w.shape
     E = w.numel() // max(N * K, 1)
     NB, KB = cdiv(N, TILE), cdiv(K, TILE)
@@ -266,7 +266,8 @@ def quantize_128x128_triton(w, dual: bool = False):
     st = w.new_empty(*lead, KB, NB, dtype=torch.float32) if dual else s
     if E and NB and KB:
         _quantize_blocks_kernel[(E, NB, KB)](w, q.view(torch.uint8), s, qt.view(torch.uint8), st,
-                                             N, K, NB, KB, TILE_=TILE, DUAL=dual)
+                                             N, K, NB, KB, TILE_=TILE, DUAL=dual,
+                                             num_warps=num_warps)
     return (q, s, qt, st) if dual else (q, s)
 
 

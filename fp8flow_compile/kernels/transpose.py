@@ -168,7 +168,7 @@ _TAIL_BLOCK_M = 128
 
 
 def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
-                                   offs: torch.Tensor | None = None
+                                   offs: torch.Tensor | None = None, num_warps: int = 8
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = q.shape
     KB = K // TILE
@@ -183,7 +183,7 @@ def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
     if T and KB:
         _transpose_kernel[(T, KB)](q.view(torch.uint8), s, qT.view(torch.uint8), sT, ts, te,
                                    M, K, KB, T, TILE_=TILE, GROUPED=offs is not None,
-                                   num_warps=8)
+                                   num_warps=num_warps)
     if offs is not None and M and K:
         grid = (cdiv(K, _TAIL_BLOCK_K), cdiv(M, _TAIL_BLOCK_M))
         _zero_tail_kernel[grid](qT.view(torch.uint8), offs, offs.numel(), M,
