@@ -27,7 +27,8 @@ xq, xs = Q.quantize_1x128_triton(xp)
 def row(name, fn, nbytes):
     try:
         ms = bench_ms(fn)
-        print(f"{name:<48} {ms:8.3f} ms {nbytes / ms / 1e6:7.0f} GB/s {nbytes / ms / 1e6 / bw:5.0%}")
+        gbs = nbytes / ms / 1e6
+        print(f"{name:<48} {ms:8.3f} ms {gbs:7.0f} GB/s {gbs / bw:5.0%}")
     except Exception as e:
         print(f"{name:<48} failed: {type(e).__name__} {str(e)[:60]}")
 
