@@ -256,12 +256,16 @@ def dequantize_1x128_triton(q, s, offs=None, out_dtype=torch.float32):
     return out
 
 
-def quantize_128x128_triton(w, dual: bool = False, num_warps: int = 4):
+def quantize_128x128_triton(w, dual: bool = False, num_warps: int | None = None):
     *lead, N, K = w.shape
     E = w.numel() // max(N * K, 1)
     NB, KB = cdiv(N, TILE), cdiv(K, TILE)
     q = torch.empty_like(w, dtype=FP8)
     s = torch.empty(*lead, NB, KB, dtype=torch.float32, device=w.device)
+    if num_warps is None:
+        # A 128x128 tile per program spills at 4 warps: on the H100 (triton 3.6) the dual form
+        # ran at 82 GB/s with 4 warps and 1167 GB/s with 16; the single form peaks at 8.
+        num_warps = 16 if dual else 8
     qt = w.new_empty(*lead, K, N, dtype=FP8) if dual else q
     st = w.new_empty(*lead, KB, NB, dtype=torch.float32) if dual else s
     if E and NB and KB:
