@@ -1,19 +1,171 @@
 """The `fp8flow` torch.compile backend (entry point `torch_dynamo_backends: fp8flow`).
 
-The graph rewrite (find GEMMs, insert Q/DQ, flow rewrites, lowering, report) is not built yet;
-the name is reserved so that `backend="fp8flow"` resolves after `pip install`, and it fails with
-a clear message instead of silently compiling a BF16 model as if it were FP8.
+    torch.compile(model, backend="fp8flow", options={...})
+
+Forward and backward are captured together (the AOTAutograd joint graph), rewritten into one FP8
+dataflow by the passes in `fp8flow_compile.passes`, partitioned (the backward then reads the FP8
+tensors the forward made), and compiled by Inductor (default) or run eagerly.
+
+Options:
+- ``flow`` (bool, default True): False runs the naive Q/DQ graph (every GEMM operand quantized
+  from its high-precision value), the baseline for numerics and speed.
+- ``inner`` ("inductor" | "eager"): what compiles the rewritten graphs.
+- ``fp8_router`` (bool, default False): take the router GEMM to FP8 too.
+- ``include`` / ``exclude`` (lists of substrings of parameter paths): which weights' GEMMs may go
+  to FP8.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import torch
+import torch.fx as fx
+
+from . import passes
+from .passes.graph import Ctx
+from .recipe import DEFAULT
+from .report import GraphRecord, Report
+
+log = logging.getLogger(__name__)
+
+_LAST = Report()
+_KNOWN = {"flow", "inner", "fp8_router", "include", "exclude"}
 
 
-def fp8flow(gm: torch.fx.GraphModule, example_inputs: list[Any], **options: Any):
-    raise NotImplementedError(
-        "the fp8flow graph rewrite is not available in this version; the FP8 op set is "
-        "available as torch.ops.fp8flow.* and the hand-wired FP8 flow as "
-        "fp8flow_compile.flow.moe_experts_fp8_flow / linear_fp8_flow")
+def last_report() -> Report:
+    """The report of the most recent `torch.compile(..., backend="fp8flow")` call's graphs."""
+    return _LAST
+
+
+def _param_path(source_name: str) -> str:
+    keys = [k for k in re.findall(r"\['([^']+)'\]", source_name)
+            if k not in ("self",)]
+    return ".".join(k for k in keys if k not in ("_modules", "_parameters"))
+
+
+def _decompositions():
+    from torch._inductor.decomposition import select_decomp_table
+    aten = torch.ops.aten
+    keep = {aten.silu.default, aten.silu_backward.default}
+    return {k: v for k, v in select_decomp_table().items() if k not in keep}
+
+
+def _saved_bytes(joint: fx.GraphModule, num_fwd_outputs: int) -> dict[str, int]:
+    """Bytes of activations the forward saves for backward, by dtype (parameters excluded)."""
+    import copy
+
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    gm = copy.deepcopy(joint)
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    fw, _ = min_cut_rematerialization_partition(gm, inputs, num_fwd_outputs=num_fwd_outputs)
+    out = next(n for n in fw.graph.nodes if n.op == "output").args[0]
+    res: dict[str, int] = {}
+    for n in out[num_fwd_outputs:]:
+        v = n.meta.get("val") if isinstance(n, fx.Node) else None
+        if not isinstance(v, torch.Tensor) or n.op == "placeholder":
+            continue
+        key = str(v.dtype).replace("torch.", "")
+        res[key] = res.get(key, 0) + v.numel() * v.element_size()
+    return res
+
+
+def _num_fwd_outputs(gm: fx.GraphModule) -> int:
+    outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    n_primals = sum(1 for n in gm.graph.nodes
+                    if n.op == "placeholder" and "tangents" not in n.name)
+    return len(outs) - n_primals
+
+
+def fp8flow(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
+    options = dict(options or {})
+    unknown = set(options) - _KNOWN
+    if unknown:
+        raise ValueError(f"fp8flow: unknown options {sorted(unknown)}; known: {sorted(_KNOWN)}")
+    inner = options.get("inner", "inductor")
+    if inner not in ("inductor", "eager"):
+        raise ValueError(f"fp8flow: options['inner'] must be 'inductor' or 'eager', got {inner}")
+
+    # Which graph inputs are parameters, by placeholder order (AOTAutograd names them primals_i).
+    params: dict[str, tuple[bool, str]] = {}
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (ph, ex) in enumerate(zip(phs, example_inputs)):
+        ga = ph.meta.get("grapharg")
+        path = _param_path(ga.source.name) if ga is not None else ph.name
+        params[f"primals_{i + 1}"] = (isinstance(ex, torch.nn.Parameter), path)
+    graph_name = f"graph_{len(_LAST.records)}"
+
+    def joint_pass(joint: fx.GraphModule) -> None:
+        ctx = Ctx(recipe=DEFAULT, options=options, params=params)
+        nfo = _num_fwd_outputs(joint)
+        rec = passes.run_joint(joint, ctx)
+        saved = {}
+        try:
+            saved = {"bf16_baseline": _saved_bytes(rec["before"], nfo),
+                     "fp8flow": _saved_bytes(joint, nfo)}
+        except Exception as e:  # the report must not break a compile
+            log.warning("fp8flow: saved-activation accounting failed: %s", e)
+        gemms = [{"name": g.node.name, "describe": g.describe(), "fp8": g.fp8,
+                  "reason": g.reason, "phase": g.phase, "weight": g.weight} for g in ctx.gemms]
+        _LAST.records.append(GraphRecord(graph_name, gemms, rec["casts_naive"],
+                                         rec["casts_after"], saved,
+                                         {k: rec[k] for k in ("before", "naive", "after")},
+                                         ctx.log))
+        _trace(graph_name, rec)
+
+    if inner == "eager":
+        return _compile_eager(gm, example_inputs, joint_pass)
+    return _compile_inductor(gm, example_inputs, joint_pass)
+
+
+def _trace(name: str, rec: dict) -> None:
+    for stage in ("naive", "after"):
+        code = rec[stage].print_readable(print_output=False)
+        log.debug("fp8flow %s %s graph:\n%s", name, stage, code)
+        try:
+            torch._logging.trace_structured(
+                "artifact",
+                metadata_fn=lambda s=stage: {"name": f"fp8flow_{name}_{s}",
+                                             "encoding": "string"},
+                payload_fn=lambda c=code: c)
+        except Exception:  # tlparse artifacts are best effort across torch versions
+            pass
+
+
+def _compile_eager(gm, example_inputs, joint_pass):
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def partition(joint, joint_inputs, **kwargs):
+        joint_pass(joint)
+        return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+
+    def boxed(g, _inputs):
+        return make_boxed_func(g.forward)
+
+    return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
+                        decompositions=_decompositions())(gm, example_inputs)
+
+
+def _compile_inductor(gm, example_inputs, joint_pass):
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class JointPass(CustomGraphPass):
+        def __call__(self, graph: fx.Graph) -> None:
+            joint_pass(graph.owning_module)
+
+        def uuid(self) -> Any:
+            # The rewrite depends on the options and on this package's code; caches key on it.
+            from . import __version__
+            return f"fp8flow-{__version__}"
+
+    import torch._functorch.config as fconfig
+    # A cache hit would skip the joint pass and leave the report empty.
+    with fconfig.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, decompositions=_decompositions(),
+                          config_patches={"joint_custom_pre_pass": JointPass(),
+                                          "fx_graph_cache": False})

@@ -34,7 +34,8 @@ class Gemm:
     a: fx.Node
     b: fx.Node
     offs: fx.Node | None
-    weight: str | None = None  # parameter path when b is a weight
+    weight: str | None = None  # parameter path of the weight this GEMM reads or differentiates
+    b_is_weight: bool = False  # b is that parameter (through views): 128x128 blocks
     fp8: bool = False
     reason: str = ""
     policy: bool = False  # kept in BF16 by policy (router/exclude), inherited by partners
@@ -101,6 +102,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         bsrc, _ = strip(b)
         if bsrc.op == "placeholder" and ctx.params.get(bsrc.name, (False, ""))[0]:
             g.weight = ctx.params[bsrc.name][1]
+            g.b_is_weight = True
         gemms.append(g)
 
     # Policy decisions on forward GEMMs, by the weight they read.
@@ -137,7 +139,7 @@ def _shape_rule(g: Gemm) -> tuple[bool, str]:
                        f"to FP8")
     if g.kind == "bmm":
         return False, "batched matmul (bmm) is left in BF16"
-    if g.kind == "grouped" or (g.kind in ("mm", "addmm") and g.weight is not None):
+    if g.kind == "grouped" or (g.kind in ("mm", "addmm") and g.b_is_weight):
         # A weight's 128x128 blocks pair with whole 1x128 tiles; two activations (the wgrad
         # form) may end in a partial tile.
         k = va.shape[-1]

@@ -40,6 +40,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         if g is None:
             continue
         src, idx = g
+        gathered = n.args[0].name
         if not val(src).is_contiguous():
             continue
         with gm.graph.inserting_before(n):
@@ -55,7 +56,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 u.replace_all_uses_with(pq if u.args[1] == 0 else ps)
                 gm.graph.erase_node(u)
         gm.graph.erase_node(n)
-        ctx.log.append(f"hoist: quantization of {n.args[0].name} moved above the row gather "
+        ctx.log.append(f"hoist: quantization of {gathered} moved above the row gather "
                        f"of {src.name}")
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -5,7 +5,8 @@ fp8flow GEMM whose operands are quantized from their high-precision values on th
 GEMM contracts: activations and gradients in 1x128 tiles (`quantize_1x128` when the contracted
 axis is the tensor's last dim, `quantize_1x128_col` when it is dim 0, i.e. the GEMM reads a
 transposed view), weights in 128x128 blocks (`quantize_128x128` of the parameter itself; its
-blocks serve the fprop orientation and the dgrad orientation alike). Quantize nodes carry
+blocks serve the fprop orientation and the dgrad orientation alike; `quantize_128x128_dual`
+writes them once more transposed for the dgrad). Quantize nodes carry
 `meta["fp8flow"] = {"role": "act" | "weight", "src": node}` for the counters.
 """
 
@@ -58,15 +59,19 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         with gm.graph.inserting_before(n):
             if g.kind in ("mm", "addmm", "grouped"):
                 aq, as_ = quant_rows(gm, g.a, None)
-                if g.weight is not None:
+                if g.b_is_weight:
                     w, transposed = strip(g.b)
-                    wq, ws = _quant(gm, ops.quantize_128x128.default, w, None, "weight")
+                    wq, ws, wqt, wst = call_multi(gm, ops.quantize_128x128_dual.default, (w,),
+                                                  4, name=f"q_{w.name}")
+                    wq.args[0].meta["fp8flow"] = {"role": "weight", "src": w}
+                    # b = W^T reads W [N, K] as stored; b = W contracts W's first dim and reads
+                    # the transposed copy, so the tensor cores always get B K-major.
+                    bq, bs = (wq, ws) if transposed else (wqt, wst)
                     if g.kind == "grouped":
                         new = call(gm, ops.grouped_gemm_fp8.default,
-                                   (aq, as_, wq, ws, g.offs, transposed, out_dtype))
+                                   (aq, as_, bq, bs, g.offs, True, out_dtype))
                     else:
-                        new = call(gm, ops.gemm_fp8.default,
-                                   (aq, as_, wq, ws, transposed, out_dtype))
+                        new = call(gm, ops.gemm_fp8.default, (aq, as_, bq, bs, True, out_dtype))
                 else:
                     bq, bs = quant_rows_of_t(gm, g.b, None)
                     new = call(gm, ops.gemm_fp8_wgrad.default, (aq, as_, bq, bs, out_dtype))

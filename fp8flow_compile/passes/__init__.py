@@ -1,0 +1,38 @@
+"""Graph passes of the fp8flow backend, one module each with one entry `run(gm, ctx) -> gm`.
+
+Order on the joint graph: find_gemms -> insert_qdq (the naive FP8 graph, counted) ->
+flow_reuse -> flow_hoist -> dedupe (counted again).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.fx as fx
+
+from . import count, dedupe, find_gemms, flow_hoist, flow_reuse, insert_qdq
+from .graph import Ctx, backward_nodes
+
+FLOW = (flow_reuse, flow_hoist, dedupe)
+
+
+def _phase_counts(gm: fx.GraphModule) -> dict[str, dict[str, int]]:
+    bwd = backward_nodes(gm)
+    fwd = {n for n in gm.graph.nodes if n not in bwd}
+    return {"forward": count.casts(gm, fwd), "backward": count.casts(gm, bwd)}
+
+
+def run_joint(gm: fx.GraphModule, ctx: Ctx) -> dict:
+    """Rewrite the joint graph in place; return the record the report is built from."""
+    record = {"before": copy.deepcopy(gm)}
+    find_gemms.run(gm, ctx)
+    insert_qdq.run(gm, ctx)
+    dedupe.run(gm, ctx)
+    record["naive"] = copy.deepcopy(gm)
+    record["casts_naive"] = _phase_counts(gm)
+    if ctx.options.get("flow", True):
+        for p in FLOW:
+            p.run(gm, ctx)
+    record["after"] = gm
+    record["casts_after"] = _phase_counts(gm)
+    return record
