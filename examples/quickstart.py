@@ -89,7 +89,10 @@ def main():
     bf16 = MoE(H, I, E, K, device=dev)
     model = MoE(H, I, E, K, device=dev)
     model.load_state_dict(bf16.state_dict())
-    compiled = torch.compile(model, backend="fp8flow")
+    # "fp8flow" is found through the package's entry point once it is pip-installed; from a
+    # plain checkout (PYTHONPATH) pass the backend function itself.
+    installed = "fp8flow" in torch._dynamo.list_backends(exclude_tags=())
+    compiled = torch.compile(model, backend="fp8flow" if installed else ff.fp8flow)
     teacher = MoE(H, I, E, K, device=dev)
     xs = [torch.randn(T, H, device=dev, dtype=torch.bfloat16) for _ in range(steps)]
     with torch.no_grad():
