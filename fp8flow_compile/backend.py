@@ -47,10 +47,11 @@ def _param_path(source_name: str) -> str:
 
 
 def _decompositions():
+    # Inductor's own table. Keeping aten.silu whole for a future SwiGLU fusion pass fails on
+    # torch 2.11 ("both a fallback and a decomp for same op: aten.silu"), so the fusion will have
+    # to match the decomposed form.
     from torch._inductor.decomposition import select_decomp_table
-    aten = torch.ops.aten
-    keep = {aten.silu.default, aten.silu_backward.default}
-    return {k: v for k, v in select_decomp_table().items() if k not in keep}
+    return select_decomp_table()
 
 
 def _saved_bytes(joint: fx.GraphModule, num_fwd_outputs: int) -> dict[str, int]:
