@@ -33,8 +33,8 @@ class Report:
 
     @property
     def graphs(self) -> dict[str, dict[str, fx.GraphModule]]:
-        """`report.graphs[name]["before" | "naive" | "after"]`; the last graph is also
-        reachable as "forward"/"backward" views of its joint graph under its own name."""
+        """`report.graphs[name]["before" | "naive" | "after"]`: the joint (forward + backward)
+        graph as captured, after Q/DQ insertion, and after the flow rewrites."""
         return {r.name: r.graphs for r in self.records}
 
     def summary(self) -> dict:

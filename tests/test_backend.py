@@ -122,7 +122,6 @@ def test_unsupported_shapes_and_dtypes_stay_bf16_with_reasons():
     s = ff.last_report().summary()
     reasons = [g["reason"] for r in ff.last_report().records for g in r.gemms if not g["fp8"]]
     assert any("not a multiple of 128" in r for r in reasons)
-    assert s["casts_before"] >= 0
     torch.testing.assert_close(y, m(x), rtol=0, atol=0)  # BF16 GEMMs: bit-identical
     m32 = MLP(dtype=torch.float32)
     x32 = torch.randn(32, 256)

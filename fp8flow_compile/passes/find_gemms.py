@@ -150,7 +150,7 @@ def _shape_rule(g: Gemm) -> tuple[bool, str]:
         alpha = g.node.kwargs.get("alpha", 1)
         if beta != 1 or alpha != 1:
             return False, "addmm with alpha/beta != 1"
-    if g.kind == "grouped" and strip(g.b)[0].op != "placeholder":
+    if g.kind == "grouped" and not g.b_is_weight:
         return False, "grouped GEMM whose 3-D operand is not a parameter"
     if g.kind in ("grouped", "grouped_wgrad") and g.offs is None:
         return False, "grouped GEMM without offsets"

@@ -12,9 +12,6 @@ from torch._guards import detect_fake_mode
 
 aten = torch.ops.aten
 
-#: Ops that only reinterpret or move data (the quantization may be hoisted above them).
-VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-            aten.expand.default, aten.alias.default}
 TRANSPOSE_OPS = {aten.permute.default, aten.t.default, aten.transpose.int}
 
 
@@ -94,16 +91,6 @@ def strip(n: fx.Node) -> tuple[fx.Node, bool]:
         else:
             break
     return n, transposed
-
-
-def depends_on(node: fx.Node, sources: set[fx.Node], memo: dict) -> bool:
-    if node in memo:
-        return memo[node]
-    memo[node] = False
-    res = node in sources or any(
-        depends_on(a, sources, memo) for a in node.all_input_nodes)
-    memo[node] = res
-    return res
 
 
 def backward_nodes(gm: fx.GraphModule) -> set[fx.Node]:
