@@ -96,8 +96,10 @@ def dequantize_128x128_ref(q: torch.Tensor, s: torch.Tensor,
 # ---------------------------------------------------------------- Triton kernels
 
 @triton.jit
-def _tile_range(tile_start_ptr, tile_end_ptr, t, C, TILE_: tl.constexpr,
+def tile_range(tile_start_ptr, tile_end_ptr, t, C, TILE_: tl.constexpr,
                 GROUPED: tl.constexpr):
+    """Rows [start, end) of tile slot t: from the slot table when the axis is grouped, else
+    the plain t-th tile of an axis of C rows."""
     if GROUPED:
         start = tl.load(tile_start_ptr + t)
         end = tl.load(tile_end_ptr + t)
@@ -112,7 +114,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, te_ptr, R, C, T,
                           BLOCK_R: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr):
     pid_r = tl.program_id(0)
     t = tl.program_id(1)
-    start, end = _tile_range(ts_ptr, te_ptr, t, C, TILE_, GROUPED)
+    start, end = tile_range(ts_ptr, te_ptr, t, C, TILE_, GROUPED)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = start + tl.arange(0, TILE_)
     rmask = rows < R
@@ -130,7 +132,7 @@ def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, M, K, T,
     # x [M, K] row-major; tile t covers rows [start, end); writes qT [K, M] and sT [K, T].
     t = tl.program_id(0)
     pid_k = tl.program_id(1)
-    start, end = _tile_range(ts_ptr, te_ptr, t, M, TILE_, GROUPED)
+    start, end = tile_range(ts_ptr, te_ptr, t, M, TILE_, GROUPED)
     rows = start + tl.arange(0, TILE_)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = cols < K
@@ -149,7 +151,7 @@ def _dequantize_rows_kernel(q_ptr, s_ptr, out_ptr, ts_ptr, te_ptr, R, C, T,
                             BLOCK_R: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr):
     pid_r = tl.program_id(0)
     t = tl.program_id(1)
-    start, end = _tile_range(ts_ptr, te_ptr, t, C, TILE_, GROUPED)
+    start, end = tile_range(ts_ptr, te_ptr, t, C, TILE_, GROUPED)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = start + tl.arange(0, TILE_)
     rmask = rows < R
@@ -321,6 +323,12 @@ def _check_offs(offs, length, op):
     del length  # group ends beyond the axis are a data error the kernels cannot see cheaply
 
 
+def _check_weight(w, op):
+    require(w.dim() in (2, 3), op, f"weight must be 2-D or 3-D, got shape {tuple(w.shape)}")
+    require_dtype(w, HIGH, op, "weight")
+    require(w.is_contiguous(), op, f"weight must be contiguous, got strides {tuple(w.stride())}")
+
+
 def _check_fp8(q, s, op, scale_shape):
     require_dtype(q, (FP8,), op, "data")
     require_dtype(s, (torch.float32,), op, "scales")
@@ -383,10 +391,7 @@ def _(q, s, offs=None, out_dtype=torch.float32):
 @torch.library.custom_op("fp8flow::quantize_128x128", mutates_args=())
 def quantize_128x128(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """128x128 block quantization of a weight [N, K] or per-expert weights [E, N, K]."""
-    op = "quantize_128x128"
-    require(w.dim() in (2, 3), op, f"weight must be 2-D or 3-D, got shape {tuple(w.shape)}")
-    require_dtype(w, HIGH, op, "weight")
-    require(w.is_contiguous(), op, f"weight must be contiguous, got strides {tuple(w.stride())}")
+    _check_weight(w, "quantize_128x128")
     return (quantize_128x128_triton if use_triton(w) else quantize_128x128_ref)(w)
 
 
@@ -419,10 +424,7 @@ def quantize_128x128_dual(w: torch.Tensor
     """128x128 block quantization in both orientations from one read of the weight:
     (q [.., N, K], s [.., N/128, K/128], qT [.., K, N], sT [.., K/128, N/128]); qT holds the same
     bytes as q, transposed, for GEMMs that contract N (dgrad)."""
-    op = "quantize_128x128_dual"
-    require(w.dim() in (2, 3), op, f"weight must be 2-D or 3-D, got shape {tuple(w.shape)}")
-    require_dtype(w, HIGH, op, "weight")
-    require(w.is_contiguous(), op, f"weight must be contiguous, got strides {tuple(w.stride())}")
+    _check_weight(w, "quantize_128x128_dual")
     return (quantize_128x128_dual_triton if use_triton(w) else quantize_128x128_dual_ref)(w)
 
 

@@ -50,6 +50,7 @@ from ..errors import require, require_dtype
 from ..recipe import TILE
 from .common import FP8, use_triton
 from .groups import cdiv, max_tiles, tile_bounds
+from .quantize import tile_range
 
 _OP = "scaling_aware_transpose"
 
@@ -122,12 +123,7 @@ def _transpose_kernel(q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, M, K, KB, T,
     # writes qT[block, start:end] and sT[block, t].
     t = tl.program_id(0)
     kb = tl.program_id(1)
-    if GROUPED:
-        start = tl.load(ts_ptr + t)
-        end = tl.load(te_ptr + t)
-    else:
-        start = t * TILE_
-        end = tl.minimum(start + TILE_, M)
+    start, end = tile_range(ts_ptr, te_ptr, t, M, TILE_, GROUPED)
     rows = start + tl.arange(0, TILE_)
     cols = kb * TILE_ + tl.arange(0, TILE_)
     rmask = (rows < end) & (rows < M)
