@@ -265,10 +265,12 @@ def test_swiglu_quant_backward_vs_float64(impl, kind, with_probs):
         assert dp.shape == (0,)
 
 
-@pytest.mark.parametrize("kind, dtype, with_probs", [
-    ("heavy", torch.bfloat16, True), ("large", torch.float32, True),
-    ("tiny", torch.bfloat16, False),
-])
+# Backward kernel cases, the same on the interpreter and on the GPU.
+BACKWARD_CASES = [("heavy", torch.bfloat16, True), ("large", torch.float32, True),
+                  ("tiny", torch.bfloat16, False)]
+
+
+@pytest.mark.parametrize("kind, dtype, with_probs", BACKWARD_CASES)
 def test_swiglu_quant_backward_triton_matches_torch_bytes(kind, dtype, with_probs):
     P, N = 45, 384
     h = make_h(P, N, 8, kind, dtype)
@@ -435,10 +437,7 @@ def test_gpu_swiglu_quant_matches_reference(kind, dtype, with_probs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind, dtype, with_probs", [
-    ("heavy", torch.bfloat16, True), ("large", torch.float32, True),
-    ("tiny", torch.bfloat16, False),
-])
+@pytest.mark.parametrize("kind, dtype, with_probs", BACKWARD_CASES)
 def test_gpu_swiglu_quant_backward_matches_reference(kind, dtype, with_probs):
     P, N = 1000, 1024
     h = make_h(P, N, 22, kind, dtype)
