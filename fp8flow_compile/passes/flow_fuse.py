@@ -1,0 +1,360 @@
+"""Flow rewrite "fuse": SwiGLU and its quantization become one op, forward and backward.
+
+Expects: a graph with fp8flow quantize nodes (after flow_reuse, so the wgrad operands already
+read the row-wise forms this pass replaces). Guarantees:
+
+- forward: `quantize_1x128(x)` where x = silu(gate) * up [* probs] with gate = h[:, :I] and
+  up = h[:, I:] of one tensor h [P, 2I] becomes `swiglu_quant(h, probs)`: no BF16 round trip of
+  the SwiGLU output, one rounding from fp32 straight to E4M3;
+- backward: `quantize_1x128(cat([d_gate, d_up], -1))` where (d_gate, d_up) is the SwiGLU
+  gradient of that h for an upstream gradient dA [P, I] becomes
+  `swiglu_quant_backward(dA, h, probs)`.
+
+How a SwiGLU is recognised: the quantized tensor's expression is followed back through
+elementwise ops (whatever the decomposition made of silu: `x / (1 + exp(-x))`, `x * sigmoid(x)`,
+dtype casts, either operand order) to its leaves. The leaves must be the two halves of one h
+(split / chunk / slicing of its last dim), plus, for the backward, one upstream gradient of
+shape [P, I], and optionally one per-row weight of shape [P, 1] or [P] (the routing
+probability). The expression is then evaluated on test values (rows of ordinary, tiny and large
+magnitudes, |x| up to 40, so clamps, scaled sigmoids or shifted gates show) and compared with the
+SwiGLU reference; only an expression that agrees to within the rounding of its intermediate
+dtype is replaced. So the rule is about what the graph computes, not how the model's source
+spells it; anything else (a clamped SwiGLU, GELU gating) keeps its explicit quantization and the
+log says why.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from ..kernels.swiglu import swiglu_backward_ref, swiglu_ref
+from .graph import Ctx, call, call_multi, val
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+ops = torch.ops.fp8flow
+
+ELEMENTWISE = {
+    aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.rsub.Scalar,
+    aten.neg.default, aten.exp.default, aten.sigmoid.default, aten.silu.default,
+    aten.reciprocal.default, aten.mul.Scalar, aten.add.Scalar, aten.div.Scalar,
+    aten.sub.Scalar, prims.convert_element_type.default, aten._to_copy.default,
+    aten.silu_backward.default, aten.sigmoid_backward.default, aten.unsqueeze.default,
+    aten.alias.default,
+}
+MAX_NODES = 64  # a SwiGLU and its gradient decompose into ~20 nodes; stop well beyond
+ROWS = 24  # rows of test values
+
+
+def _widened(h: fx.Node) -> fx.Node:
+    """The BF16/FP16 source of an exact widening cast to fp32 (the op reads the source)."""
+    if (h.op == "call_function" and h.target is prims.convert_element_type.default
+            and val(h).dtype == torch.float32
+            and val(h.args[0]).dtype in (torch.bfloat16, torch.float16)):
+        return h.args[0]
+    return h
+
+
+def _half(n: fx.Node):
+    """(h, 0 | 1) if n is the first or second half of h's last dim, else None. h is seen
+    through an exact widening cast."""
+    r = _half_of(n)
+    return None if r is None else (_widened(r[0]), r[1])
+
+
+def _half_of(n: fx.Node):
+    if n.op != "call_function":
+        return None
+    if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+        sp = n.args[0]
+        if sp.target in (aten.split.Tensor, aten.split_with_sizes.default):
+            h, size = sp.args[0], sp.args[1]
+            dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
+            hv = val(h)
+            if hv.dim() != 2 or dim % 2 != 1 or hv.shape[1] % 2:
+                return None
+            half = hv.shape[1] // 2
+            sizes = [size, size] if isinstance(size, int) else list(size)
+            if sizes[:2] != [half, half] or n.args[1] not in (0, 1):
+                return None
+            return h, n.args[1]
+    if n.target is aten.slice.Tensor:
+        h = n.args[0]
+        hv = val(h)
+        dim, start, end = (list(n.args[1:4]) + [0, None, None][len(n.args) - 1:])[:3]
+        step = n.args[4] if len(n.args) > 4 else 1
+        if hv.dim() != 2 or dim % 2 != 1 or hv.shape[1] % 2 or step != 1:
+            return None
+        half = hv.shape[1] // 2
+        end = hv.shape[1] if end is None or end > hv.shape[1] else end
+        if (start, end) == (0, half):
+            return h, 0
+        if (start, end) == (half, hv.shape[1]):
+            return h, 1
+    return None
+
+
+def _expression(root: fx.Node):
+    """Nodes of the elementwise expression ending in root (topological order) and its leaves,
+    or None if it is too large."""
+    nodes, leaves, stack, seen = [], [], [root], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in ELEMENTWISE and _half(n) is None:
+            nodes.append(n)
+            stack.extend(n.all_input_nodes)
+        else:
+            leaves.append(n)
+        if len(nodes) > MAX_NODES:
+            return None
+    order = {n: i for i, n in enumerate(root.graph.nodes)}
+    return sorted(nodes, key=order.__getitem__), leaves
+
+
+def _evaluate(nodes: list[fx.Node], env: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+    env = dict(env)
+    for n in nodes:
+        args = torch.fx.node.map_arg(n.args, env.__getitem__)
+        kwargs = dict(torch.fx.node.map_arg(n.kwargs, env.__getitem__))
+        kwargs.pop("device", None)
+        env[n] = n.target(*args, **kwargs)
+    return env[nodes[-1]]
+
+
+def _test_h(half: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(ROWS, 2 * half, generator=g) * 3
+    x[0::4] *= 1e-3  # tiny
+    x[1::4] = x[1::4].sign() * (8 + 32 * torch.rand(half * 2, generator=g))  # large: clamps show
+    return x.to(dtype)
+
+
+def _test_vec(rows: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(rows, 1, generator=g) + 0.1).to(dtype)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    # The graph may round intermediates (silu, the product) to its dtype: a few ulps of it.
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    a, b = a.double(), b.double()
+    tol = 8 * eps * b.abs() + 8 * eps * b.abs().max() * 1e-3
+    return bool(torch.all((a - b).abs() <= tol) and torch.isfinite(a).all())
+
+
+def _classify(leaves: list[fx.Node], rows: int, width: int):
+    """Split leaves into (h, {leaf: half index}, per-row leaves, full-width leaves)."""
+    h, halves, per_row, full = None, {}, [], []
+    for leaf in leaves:
+        hf = _half(leaf)
+        if hf is not None:
+            if h is not None and hf[0] is not h:
+                return None
+            h = hf[0]
+            halves[leaf] = hf[1]
+            continue
+        v = val(leaf)
+        if not isinstance(v, torch.Tensor):
+            return None
+        if tuple(v.shape) in ((rows, 1), (rows,)):
+            per_row.append(leaf)
+        elif tuple(v.shape) == (rows, width):
+            full.append(leaf)
+        else:
+            return None
+    if h is None or val(h).shape[1] != 2 * width:
+        return None
+    return h, halves, per_row, full
+
+
+def _env(halves, h_test, per_row, probs_test):
+    width = h_test.shape[1] // 2
+    env = {leaf: h_test[:, i * width:(i + 1) * width].to(val(leaf).dtype)
+           for leaf, i in halves.items()}
+    for leaf in per_row:
+        env[leaf] = probs_test.view(-1) if val(leaf).dim() == 1 else probs_test
+    return env
+
+
+def _match_forward(x: fx.Node):
+    """(h, probs leaf or None) if x = silu(h[:, :I]) * h[:, I:] [* probs]."""
+    xv = val(x)
+    if xv.dim() != 2:
+        return None
+    expr = _expression(x)
+    if expr is None or not expr[0]:
+        return None
+    nodes, leaves = expr
+    c = _classify(leaves, xv.shape[0], xv.shape[1])
+    if c is None or c[3] or len(c[2]) > 1:
+        return None
+    h, halves, per_row, _ = c
+    hv = val(h)
+    h_test = _test_h(xv.shape[1], hv.dtype)
+    p_test = _test_vec(ROWS, val(per_row[0]).dtype, 1) if per_row else None
+    try:
+        got = _evaluate(nodes, _env(halves, h_test, per_row, p_test))
+    except Exception:  # an op our test values do not fit: no match
+        return None
+    want = swiglu_ref(h_test, None if p_test is None else p_test.view(-1))
+    if not _close(got, want.to(got.dtype), got.dtype):
+        return None
+    return h, (per_row[0] if per_row else None)
+
+
+def _is_zeros(n: fx.Node) -> bool:
+    return (isinstance(n, fx.Node) and n.target in (aten.full.default, aten.zeros.default)
+            and (n.target is aten.zeros.default or n.args[1] == 0))
+
+
+def _grad_halves(x: fx.Node):
+    """[d_first_half, d_second_half] if x [P, 2I] is assembled from its two halves: the
+    backward of split/chunk (cat) or of slicing (a sum of slice_scatters into zeros)."""
+    xv = val(x)
+    if xv.dim() != 2 or xv.shape[1] % 2:
+        return None
+    half = xv.shape[1] // 2
+    if x.target is prims.convert_element_type.default:  # the gradient of an fp32 h, cast
+        x = x.args[0]
+    if x.target is aten.cat.default:
+        dim = x.args[1] if len(x.args) > 1 else 0
+        if len(x.args[0]) != 2 or dim % 2 != 1:
+            return None
+        if any(val(p).shape[1] != half for p in x.args[0]):
+            return None
+        return list(x.args[0])
+    if x.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in x.args):
+        found = {}
+        for sc in x.args:
+            if sc.target is not aten.slice_scatter.default or not _is_zeros(sc.args[0]):
+                return None
+            dim, start, end = (list(sc.args[2:5]) + [0, None, None][len(sc.args) - 2:])[:3]
+            end = xv.shape[1] if end is None or end > xv.shape[1] else end
+            if dim % 2 != 1 or (start, end) not in ((0, half), (half, 2 * half)):
+                return None
+            found[start // half] = sc.args[1]
+        if len(found) == 2:
+            return [found[0], found[1]]
+    return None
+
+
+def _match_backward(x: fx.Node):
+    """(dA, h, probs leaf or None) if x [P, 2I] holds the SwiGLU gradient (d_gate, d_up)."""
+    xv = val(x)
+    halves = _grad_halves(x)
+    if halves is None:
+        return None
+    rows, width = xv.shape[0], xv.shape[1] // 2
+    parts = []
+    for part in halves:
+        expr = _expression(part)
+        if expr is None or not expr[0]:
+            return None
+        parts.append(expr)
+    c = _classify(parts[0][1] + parts[1][1], rows, width)
+    if c is None:
+        return None
+    h, halves, per_row, full = c
+    if len(set(full)) != 1 or len(set(per_row)) > 1:
+        return None
+    d_a = full[0]
+    hv = val(h)
+    h_test = _test_h(width, hv.dtype)
+    d_test = (torch.randn(ROWS, width, generator=torch.Generator().manual_seed(2))
+              .to(val(d_a).dtype))
+    p_test = _test_vec(ROWS, val(per_row[0]).dtype, 1) if per_row else None
+    env = _env(halves, h_test, per_row, p_test)
+    env[d_a] = d_test
+    want, _ = swiglu_backward_ref(d_test, h_test, None if p_test is None else p_test.view(-1))
+    for i, (nodes, _) in enumerate(parts):
+        try:
+            got = _evaluate(nodes, env)
+        except Exception:
+            return None
+        if not _close(got, want[:, i * width:(i + 1) * width].to(got.dtype), got.dtype):
+            return None
+    return d_a, h, (per_row[0] if per_row else None)
+
+
+def _probs_arg(gm: fx.GraphModule, p: fx.Node | None):
+    if p is None:
+        return None
+    v = val(p)
+    if v.dim() == 2:
+        p = call(gm, aten.view.default, (p, [v.shape[0]]))
+    if not val(p).is_contiguous():
+        p = call(gm, aten.clone.default, (p,), {"memory_format": torch.contiguous_format})
+    return p
+
+
+def _contig(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
+    if val(n).is_contiguous():
+        return n
+    return call(gm, aten.clone.default, (n,), {"memory_format": torch.contiguous_format})
+
+
+def _replace(gm: fx.GraphModule, old: fx.Node, new: list[fx.Node]) -> None:
+    for u in list(old.users):
+        if u.target is operator.getitem:
+            u.replace_all_uses_with(new[u.args[1]])
+            gm.graph.erase_node(u)
+    gm.graph.erase_node(old)
+
+
+def _tiled(h: fx.Node) -> str | None:
+    hv = val(h)
+    if (hv.shape[1] // 2) % 128:
+        return f"I = {hv.shape[1] // 2} is not a multiple of 128 (tiles would straddle gate/up)"
+    if hv.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"h has dtype {hv.dtype}"
+    return None
+
+
+def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.target is not ops.quantize_1x128.default or (len(n.args) > 1 and n.args[1]):
+            continue
+        x = n.args[0]
+        with unset_fake_temporarily():  # the test values are real tensors
+            fwd = _match_forward(x)
+            bwd = None if fwd is not None else _match_backward(x)
+        if fwd is not None:
+            h, p = fwd
+            why = _tiled(h)
+            if why:
+                ctx.log.append(f"fuse: SwiGLU of {h.name} kept unfused: {why}")
+                continue
+            with gm.graph.inserting_before(n):
+                new = call_multi(gm, ops.swiglu_quant.default,
+                                 (_contig(gm, h), _probs_arg(gm, p)), 2, name=f"swiglu_{h.name}")
+            _replace(gm, n, new)
+            ctx.log.append(f"fuse: quantization of {x.name} = SwiGLU({h.name}) -> swiglu_quant")
+            changed = True
+            continue
+        if bwd is not None:
+            d_a, h, p = bwd
+            why = _tiled(h)
+            if why:
+                ctx.log.append(f"fuse: SwiGLU backward of {h.name} kept unfused: {why}")
+                continue
+            with gm.graph.inserting_before(n):
+                new = call_multi(gm, ops.swiglu_quant_backward.default,
+                                 (_contig(gm, d_a), _contig(gm, h), _probs_arg(gm, p)), 3,
+                                 name=f"swiglu_bwd_{h.name}")
+            _replace(gm, n, new[:2])
+            ctx.log.append(f"fuse: quantization of {x.name} = SwiGLU gradient of {h.name} -> "
+                           f"swiglu_quant_backward")
+            changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return gm
