@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from test_backend import FP8_REL, compiled, fwd_bwd, rel
 
 import fp8flow_compile as ff
 from examples.moe import MoE
-from fp8flow_compile.backend import fp8flow
-from test_backend import FP8_REL, compiled, fwd_bwd, rel
 
 H, I, E, K = 256, 128, 4, 2
 
