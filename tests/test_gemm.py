@@ -9,11 +9,13 @@ Two kinds of bound:
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fp8flow_compile import Fp8Unsupported
 from fp8flow_compile.kernels import gemm as G
 from fp8flow_compile.kernels import quantize as Q
-from fp8flow_compile.kernels.groups import tile_bounds
+from fp8flow_compile.kernels.groups import group_block, group_slot, group_span, tile_bounds
 from fp8flow_compile.recipe import TILE
 
 FP8 = torch.float8_e4m3fn
@@ -34,6 +36,41 @@ OFFS_CASES = {
     "ragged": [37, 37, 170, 300],
 }
 P = 300  # grouped rows
+
+
+@triton.jit
+def _slots_kernel(offs_ptr, out_ptr, G, length, TILE_: tl.constexpr, G_BLOCK: tl.constexpr,
+                  TAIL: tl.constexpr):
+    t = tl.program_id(0)
+    g, first, end = group_slot(offs_ptr, G, length, t, TILE_, G_BLOCK, TAIL)
+    tl.store(out_ptr + t * 3, g)
+    tl.store(out_ptr + t * 3 + 1, first)
+    tl.store(out_ptr + t * 3 + 2, end)
+
+
+@triton.jit
+def _spans_kernel(offs_ptr, out_ptr, G, length, TILE_: tl.constexpr, G_BLOCK: tl.constexpr):
+    g = tl.program_id(0)
+    first, end, slot = group_span(offs_ptr, G, length, g, TILE_, G_BLOCK)
+    tl.store(out_ptr + g * 3, first)
+    tl.store(out_ptr + g * 3 + 1, end)
+    tl.store(out_ptr + g * 3 + 2, slot)
+
+
+def slots_of(offs, length, tile, tail):
+    """group_slot for every slot of max_tiles(length, E, tile), as (group, first, end)."""
+    n = -(-length // tile) + offs.numel()
+    out = torch.zeros(n, 3, dtype=torch.int32)
+    _slots_kernel[(n,)](offs, out, offs.numel(), length, TILE_=tile,
+                        G_BLOCK=group_block(offs.numel()), TAIL=tail)
+    return [tuple(r) for r in out.tolist()]
+
+
+def spans_of(offs, length):
+    out = torch.zeros(offs.numel(), 3, dtype=torch.int32)
+    _spans_kernel[(offs.numel(),)](offs, out, offs.numel(), length, TILE_=TILE,
+                                   G_BLOCK=group_block(offs.numel()))
+    return [tuple(r) for r in out.tolist()]
 
 
 def rnd(shape, seed, kind="heavy", dtype=BF16):
@@ -193,15 +230,14 @@ def test_grouped_gemm_fp8_other_tiles(config):
     check_grouped(out, deq_rows(aq, as_), deq_w(bq, bs), offs, True, F32)
 
 
-def test_grouped_tile_schedule():
+def test_grouped_row_tiles_from_offs_on_the_device():
     offs = torch.tensor([0, 100, 100, 250], dtype=torch.int32)
-    sched = G.grouped_tile_schedule(offs, 300, 64)
-    assert sched.shape == (300 // 64 + 1 + 4, 3)  # max_tiles(300, 4, 64)
+    got = slots_of(offs, 300, 64, tail=True)
+    assert len(got) == 300 // 64 + 1 + 4  # max_tiles(300, 4, 64)
     want = [(1, 0, 64), (1, 64, 100), (3, 100, 164), (3, 164, 228), (3, 228, 250),
-            (4, 250, 300)]
-    got = [tuple(r) for r in sched.tolist() if r[2] > r[1]]
-    assert got == want
-    assert all(r[1] == r[2] for r in sched.tolist()[len(want):])  # unused slots store nothing
+            (4, 250, 300)]  # group 4 = the rows past offs[-1]
+    assert [r for r in got if r[2] > r[1]] == want
+    assert all(r[1] == r[2] == 0 for r in got[len(want):])  # unused slots store nothing
 
 
 # ---------------------------------------------------------------- wgrad
@@ -252,15 +288,17 @@ def test_wgrad_other_tiles():
         start = end
 
 
-def test_wgrad_group_table_matches_tile_bounds():
-    offs = torch.tensor([0, 130, 130, 300, 301], dtype=torch.int32)
-    table = G.wgrad_group_table(offs, 320, offs.device).tolist()
+@pytest.mark.parametrize("offs", [[0, 130, 130, 300, 301], [5], [128, 256], [0, 0]])
+def test_device_group_tables_match_tile_bounds(offs):
+    offs = torch.tensor(offs, dtype=torch.int32)
     starts, ends = tile_bounds(offs, 320)
-    for first, end, slot in table:
+    got = slots_of(offs, 320, TILE, tail=False)
+    assert [(s, e) for _, s, e in got] == list(zip(starts.tolist(), ends.tolist()))
+    for g, (first, end, slot) in enumerate(spans_of(offs, 320)):
+        assert (first, end) == (offs[g - 1].item() if g else 0, offs[g].item())
         j = 0
         while first + j * TILE < end:
-            assert starts[slot + j] == first + j * TILE
-            assert ends[slot + j] == min(first + (j + 1) * TILE, end)
+            assert got[slot + j] == (g, first + j * TILE, min(first + (j + 1) * TILE, end))
             j += 1
 
 

@@ -58,7 +58,7 @@ from ..errors import require, require_dtype
 from ..recipe import TILE
 from . import fp8_math as fm
 from .common import FP8, use_triton
-from .groups import cdiv, max_tiles
+from .groups import cdiv, group_block, group_slot, group_span, max_tiles
 from .quantize import dequantize_1x128_ref, dequantize_128x128_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float32)
@@ -149,49 +149,6 @@ def grouped_gemm_fp8_wgrad_ref(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.
             out[g] = (a[:, start:end] @ b[:, start:end].t()).to(out_dtype)
         start = max(start, end)
     return out
-
-
-# ---------------------------------------------------------------- schedules (device, no sync)
-
-def grouped_tile_schedule(offs: torch.Tensor, rows: int, block_m: int) -> torch.Tensor:
-    """Output row tiles of the grouped fprop/dgrad kernel: int32 [n_slots, 3] of
-    (group, first row, end row), n_slots = max_tiles(rows, E, block_m) (a static bound).
-
-    Tiles restart at each group start. Rows past offs[-1] form a last pseudo-group with id E whose
-    tiles run no K step and store zeros; the bound still holds with it (sum of E+1 ceilings of
-    lengths summing to `rows` is at most cdiv(rows, block_m) + E). Unused slots have
-    first row == end row and store nothing. A persistent kernel can walk the same table.
-    """
-    num_groups = offs.numel()
-    n_slots = max_tiles(rows, num_groups, block_m)
-    dev = offs.device
-    ends = torch.cat([offs.to(torch.int64).clamp(0, rows),
-                      torch.full((1,), rows, dtype=torch.int64, device=dev)])
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    ntiles = (ends - starts).clamp(min=0).add(block_m - 1).div(block_m, rounding_mode="floor")
-    cum = torch.cumsum(ntiles, 0)
-    slot = torch.arange(n_slots, dtype=torch.int64, device=dev)
-    g = torch.searchsorted(cum, slot, right=True)
-    valid = g <= num_groups
-    gc = g.clamp(max=num_groups)
-    first = starts[gc] + (slot - (cum[gc] - ntiles[gc])) * block_m
-    end = torch.minimum(first + block_m, ends[gc])
-    first = torch.where(valid, first, 0)
-    end = torch.where(valid, end, 0)
-    return torch.stack([gc, first, end], 1).to(torch.int32).contiguous()
-
-
-def wgrad_group_table(offs: torch.Tensor | None, tokens: int, device: torch.device
-                      ) -> torch.Tensor:
-    """int32 [E, 3] of (first token, end token, first tile slot) per group, the slots numbered
-    as in groups.tile_bounds (tiles of TILE tokens restarting at each group start)."""
-    if offs is None:
-        return torch.tensor([[0, tokens, 0]], dtype=torch.int32, device=device)
-    ends = offs.to(torch.int64).clamp(0, tokens)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    ntiles = (ends - starts).clamp(min=0).add(TILE - 1).div(TILE, rounding_mode="floor")
-    base = torch.cumsum(ntiles, 0) - ntiles
-    return torch.stack([starts, ends, base], 1).to(torch.int32).contiguous()
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -286,22 +243,21 @@ def _wgrad_step(acc, p0, tok_start, tok_end, a_ptr, as_ptr, b_ptr, bs_ptr, rows_
 
 @triton.jit
 def _gemm_fp8_kernel(
-        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, sched_ptr,
+        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offs_ptr,
         M, N, K, NUM_E, NUM_SLOTS,
         stride_be, stride_bk, stride_bn, stride_bse, stride_bsk, stride_bsn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr,
-        COMPILED: tl.constexpr, OUT_BF16: tl.constexpr):
+        COMPILED: tl.constexpr, OUT_BF16: tl.constexpr, G_BLOCK: tl.constexpr):
     # A [M, K] row-major E4M3 with scales [M, K/TILE_]. B element (e, k, n) at
     # e*stride_be + k*stride_bk + n*stride_bn, its block scale at the same with the stride_bs*
     # strides on (k // TILE_, n // TILE_): strides alone pick the orientation (fprop or dgrad).
     pid = tl.program_id(0)
     slot, pid_n = tile_coords(pid, NUM_SLOTS, tl.cdiv(N, BLOCK_N), GROUP_M)
     if GROUPED:
-        g = tl.load(sched_ptr + slot * 3)
-        row_start = tl.load(sched_ptr + slot * 3 + 1)
-        row_end = tl.load(sched_ptr + slot * 3 + 2)
-        # The rows past offs[-1] (g == NUM_E) and unused slots run no K step: zeros or nothing.
+        # Row tiles restart at each group start; the rows past offs[-1] (g == NUM_E) and
+        # unused slots run no K step: they store zeros or nothing.
+        g, row_start, row_end = group_slot(offs_ptr, NUM_E, M, slot, BLOCK_M, G_BLOCK, True)
         k_end = tl.where(g < NUM_E, K, 0)
         g = tl.minimum(g, NUM_E - 1).to(tl.int64)
         b_ptr += g * stride_be
@@ -347,18 +303,22 @@ def _gemm_fp8_kernel(
 
 @triton.jit
 def _wgrad_fp8_kernel(
-        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, grp_ptr, N, K, P, T,
+        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offs_ptr, G, N, K, P, T,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, TILE_: tl.constexpr, COMPILED: tl.constexpr,
-        OUT_BF16: tl.constexpr, ALIGN: tl.constexpr):
+        OUT_BF16: tl.constexpr, ALIGN: tl.constexpr, GROUPED: tl.constexpr,
+        G_BLOCK: tl.constexpr):
     # out[g] [N, K] = A[:, group g] @ B[:, group g]^T with A [N, P], B [K, P] (tokens contiguous:
     # both operands K-major, as fp8 wgmma wants). Scales per (row, token tile slot).
     pid = tl.program_id(0)
     g = tl.program_id(1)
     pid_m, pid_n = tile_coords(pid, tl.cdiv(N, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
-    tok_start = tl.load(grp_ptr + g * 3)
-    tok_end = tl.load(grp_ptr + g * 3 + 1)
-    slot0 = tl.load(grp_ptr + g * 3 + 2)
+    if GROUPED:
+        tok_start, tok_end, slot0 = group_span(offs_ptr, G, P, g, TILE_, G_BLOCK)
+    else:
+        tok_start = 0
+        tok_end = P
+        slot0 = 0
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -423,20 +383,21 @@ def _launch_gemm(a_q, a_s, b_q, b_s, trans_b, out_dtype, offs, config):
     if K == 0:
         return out.zero_()
     if grouped:
-        sched = grouped_tile_schedule(offs, M, config.block_m)
-        num_e, num_slots = offs.numel(), sched.shape[0]
+        num_e = offs.numel()
+        num_slots = max_tiles(M, num_e, config.block_m)
+        og, g_block = offs, group_block(num_e)
     else:
-        sched = torch.empty(1, dtype=torch.int32, device=a_q.device)
-        num_e, num_slots = 1, cdiv(M, config.block_m)
+        og = torch.empty(1, dtype=torch.int32, device=a_q.device)
+        num_e, num_slots, g_block = 1, cdiv(M, config.block_m), 1
     if M == 0 or N == 0 or num_slots == 0:
         return out
     grid = (num_slots * cdiv(N, config.block_n),)
     _gemm_fp8_kernel[grid](
-        a_q, a_s, b_q, b_s, out, sched,
+        a_q, a_s, b_q, b_s, out, og,
         M, N, K, num_e, num_slots, *strides,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, TILE_=TILE, GROUPED=grouped, COMPILED=a_q.is_cuda,
-        OUT_BF16=out_dtype == torch.bfloat16,
+        OUT_BF16=out_dtype == torch.bfloat16, G_BLOCK=g_block,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -462,14 +423,15 @@ def _launch_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, config):
     out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
     if N == 0 or K == 0 or E == 0:
         return out
-    table = wgrad_group_table(offs, P, a_q.device)
+    og = offs if offs is not None else torch.empty(1, dtype=torch.int32, device=a_q.device)
     grid = (cdiv(N, config.block_m) * cdiv(K, config.block_n), E)
     _wgrad_fp8_kernel[grid](
-        a_q, a_s, b_q, b_s, out, table,
+        a_q, a_s, b_q, b_s, out, og, E,
         N, K, P, a_s.shape[1],
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, TILE_=TILE, COMPILED=a_q.is_cuda,
-        OUT_BF16=out_dtype == torch.bfloat16, ALIGN=_VEC,
+        OUT_BF16=out_dtype == torch.bfloat16, ALIGN=_VEC, GROUPED=offs is not None,
+        G_BLOCK=group_block(E),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 

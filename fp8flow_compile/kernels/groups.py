@@ -14,6 +14,8 @@ slot covers (empty slots cover nothing and hold scale 1).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ..recipe import TILE
 
@@ -57,3 +59,57 @@ def tile_bounds(offs: torch.Tensor | None, length: int, tile: int = TILE,
     s = torch.where(valid, s, 0)
     e = torch.where(valid, e, 0)
     return s.to(torch.int32), e.to(torch.int32)
+
+
+# ---------------------------------------------------------------- the same, inside a kernel
+
+def group_block(num_groups: int) -> int:
+    """The constexpr vector width the in-kernel helpers load offs with (groups + the tail)."""
+    return triton.next_power_of_2(num_groups + 1)
+
+
+@triton.jit
+def _group_table(offs_ptr, G, length, TILE_: tl.constexpr, G_BLOCK: tl.constexpr,
+                 TAIL: tl.constexpr):
+    # Per group g < G (and g == G, the rows past offs[-1], when TAIL): first row, end row and
+    # tile count, bounds clamped to [0, length]; lanes past the last group hold 0 tiles.
+    gi = tl.arange(0, G_BLOCK)
+    ends = tl.load(offs_ptr + gi, mask=gi < G, other=0)
+    ends = tl.where(gi == G, length, ends)
+    prev = tl.load(offs_ptr + gi - 1, mask=(gi >= 1) & (gi <= G), other=0)
+    ends = tl.minimum(tl.maximum(ends, 0), length)
+    prev = tl.minimum(tl.maximum(prev, 0), length)
+    live = (gi < G) | ((gi == G) & TAIL)
+    ntiles = tl.where(live, (tl.maximum(ends - prev, 0) + TILE_ - 1) // TILE_, 0)
+    return gi, prev, ends, ntiles
+
+
+@triton.jit
+def group_slot(offs_ptr, G, length, t, TILE_: tl.constexpr, G_BLOCK: tl.constexpr,
+               TAIL: tl.constexpr):
+    """Tile slot t -> (group, first row, end row), computed from `offs` on the device.
+
+    The slots are numbered as `tile_bounds` numbers them: the tiles of group 0, then group 1, ...
+    With TAIL the rows past offs[-1] follow as a pseudo-group G (callers write zeros there);
+    slots past the last tile get group G + 1 (or G without TAIL) and an empty range.
+    Replaces a host-built table: no torch ops per launch, which at MoE sizes cost more host time
+    than the kernels take on the GPU.
+    """
+    gi, prev, ends, ntiles = _group_table(offs_ptr, G, length, TILE_, G_BLOCK, TAIL)
+    cum = tl.cumsum(ntiles, 0)
+    g = tl.sum((cum <= t).to(tl.int32), 0)
+    sel = gi == g
+    base = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
+    first = tl.sum(tl.where(sel, prev, 0), 0) + (t - base) * TILE_
+    end = tl.minimum(first + TILE_, tl.sum(tl.where(sel, ends, 0), 0))
+    valid = tl.sum(tl.where(sel, ntiles, 0), 0) > 0
+    return g, tl.where(valid, first, 0), tl.where(valid, end, 0)
+
+
+@triton.jit
+def group_span(offs_ptr, G, length, g, TILE_: tl.constexpr, G_BLOCK: tl.constexpr):
+    """Group g -> (first row, end row, its first tile slot), computed on the device."""
+    gi, prev, ends, ntiles = _group_table(offs_ptr, G, length, TILE_, G_BLOCK, False)
+    sel = gi == g
+    base = tl.sum(tl.where(gi < g, ntiles, 0), 0)
+    return tl.sum(tl.where(sel, prev, 0), 0), tl.sum(tl.where(sel, ends, 0), 0), base

@@ -23,7 +23,7 @@ from ..errors import require, require_dtype
 from ..recipe import E4M3_MAX, TILE
 from . import fp8_math as fm
 from .common import FP8, HIGH, use_triton
-from .groups import cdiv, max_tiles, tile_bounds
+from .groups import cdiv, group_block, group_slot, max_tiles, tile_bounds
 
 # ---------------------------------------------------------------- torch reference (any device)
 
@@ -96,48 +96,55 @@ def dequantize_128x128_ref(q: torch.Tensor, s: torch.Tensor,
 # ---------------------------------------------------------------- Triton kernels
 
 @triton.jit
-def tile_range(tile_start_ptr, tile_end_ptr, t, C, TILE_: tl.constexpr,
-                GROUPED: tl.constexpr):
-    """Rows [start, end) of tile slot t: from the slot table when the axis is grouped, else
-    the plain t-th tile of an axis of C rows."""
+def tile_range(offs_ptr, G, t, C, TILE_: tl.constexpr, GROUPED: tl.constexpr,
+               G_BLOCK: tl.constexpr):
+    """Rows [start, end) of tile slot t along an axis of C rows, and whether they hold data.
+
+    Grouped: tiles restart at each group start (groups.group_slot, from offs on the device); the
+    rows past offs[-1] follow as tiles of their own that hold no data (callers write zero bytes
+    and scale 1 there, so no output byte is left unwritten). Else the plain t-th tile."""
     if GROUPED:
-        start = tl.load(tile_start_ptr + t)
-        end = tl.load(tile_end_ptr + t)
+        g, start, end = group_slot(offs_ptr, G, C, t, TILE_, G_BLOCK, True)
+        live = g < G
     else:
         start = t * TILE_
         end = tl.minimum(start + TILE_, C)
-    return start, end
+        live = start < end
+    return start, end, live
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, ts_ptr, te_ptr, R, C, T,
-                          BLOCK_R: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, offs_ptr, G, R, C, T,
+                          BLOCK_R: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr,
+                          G_BLOCK: tl.constexpr):
     pid_r = tl.program_id(0)
     t = tl.program_id(1)
-    start, end = tile_range(ts_ptr, te_ptr, t, C, TILE_, GROUPED)
+    start, end, live = tile_range(offs_ptr, G, t, C, TILE_, GROUPED, G_BLOCK)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = start + tl.arange(0, TILE_)
     rmask = rows < R
     mask = rmask[:, None] & (cols < end)[None, :]
     offs = rows[:, None].to(tl.int64) * C + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask & live, other=0.0).to(tl.float32)
     byte, scale = fm.quantize_tile(x, 1)
     tl.store(q_ptr + offs, byte.to(tl.uint8), mask=mask)
     tl.store(s_ptr + rows.to(tl.int64) * T + t, scale, mask=rmask)
 
 
 @triton.jit
-def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, M, K, T,
-                          BLOCK_K: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr):
+def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, offs_ptr, G, M, K, T,
+                          BLOCK_K: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr,
+                          G_BLOCK: tl.constexpr):
     # x [M, K] row-major; tile t covers rows [start, end); writes qT [K, M] and sT [K, T].
     t = tl.program_id(0)
     pid_k = tl.program_id(1)
-    start, end = tile_range(ts_ptr, te_ptr, t, M, TILE_, GROUPED)
+    start, end, live = tile_range(offs_ptr, G, t, M, TILE_, GROUPED, G_BLOCK)
     rows = start + tl.arange(0, TILE_)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = cols < K
     mask = (rows < end)[:, None] & kmask[None, :]
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask & live,
+                other=0.0)
     byte, scale = fm.quantize_tile(x.to(tl.float32), 0)
     # Store through a transposed tile so that the contiguous dim of the store (rows of x, i.e.
     # the columns of qT) is the tile's fast dim: coalesced writes instead of strided bytes.
@@ -147,15 +154,16 @@ def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, M, K, T,
 
 
 @triton.jit
-def _dequantize_rows_kernel(q_ptr, s_ptr, out_ptr, ts_ptr, te_ptr, R, C, T,
-                            BLOCK_R: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr):
+def _dequantize_rows_kernel(q_ptr, s_ptr, out_ptr, offs_ptr, G, R, C, T,
+                            BLOCK_R: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr,
+                            G_BLOCK: tl.constexpr):
     pid_r = tl.program_id(0)
     t = tl.program_id(1)
-    start, end = tile_range(ts_ptr, te_ptr, t, C, TILE_, GROUPED)
+    start, end, live = tile_range(offs_ptr, G, t, C, TILE_, GROUPED, G_BLOCK)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = start + tl.arange(0, TILE_)
     rmask = rows < R
-    mask = rmask[:, None] & (cols < end)[None, :]
+    mask = rmask[:, None] & (cols < end)[None, :] & live
     offs = rows[:, None].to(tl.int64) * C + cols[None, :]
     v = fm.e4m3_to_f32(tl.load(q_ptr + offs, mask=mask, other=0))
     s = tl.load(s_ptr + rows.to(tl.int64) * T + t, mask=rmask, other=1.0)
@@ -208,12 +216,11 @@ def _dequantize_blocks_kernel(q_ptr, s_ptr, out_ptr, N, K, NB, KB, TILE_: tl.con
 _BLOCK_R = 32
 
 
-def _bounds(offs, length, device):
+def _groups(offs, device):
+    """(offs or a dummy, number of groups, grouped, G_BLOCK) for the launchers."""
     if offs is None:
-        dummy = torch.empty(1, dtype=torch.int32, device=device)
-        return dummy, dummy, False
-    s, e = tile_bounds(offs, length, device=device)
-    return s, e, True
+        return torch.empty(1, dtype=torch.int32, device=device), 0, False, 1
+    return offs, offs.numel(), True, group_block(offs.numel())
 
 
 def quantize_1x128_triton(x, offs=None, block_r: int = _BLOCK_R, num_warps: int = 4):
@@ -221,13 +228,11 @@ def quantize_1x128_triton(x, offs=None, block_r: int = _BLOCK_R, num_warps: int 
     T = max_tiles(C, None if offs is None else offs.numel())
     q = torch.empty(R, C, dtype=FP8, device=x.device)
     s = torch.ones(R, T, dtype=torch.float32, device=x.device)
-    ts, te, grouped = _bounds(offs, C, x.device)
+    og, G, grouped, gb = _groups(offs, x.device)
     if R and T:
         _quantize_rows_kernel[(cdiv(R, block_r), T)](
-            x, q.view(torch.uint8), s, ts, te, R, C, T,
-            BLOCK_R=block_r, TILE_=TILE, GROUPED=grouped, num_warps=num_warps)
-    if grouped:  # columns outside every group are not written by the kernel
-        q.view(torch.uint8)[:, _covered(offs, C).logical_not()] = 0
+            x, q.view(torch.uint8), s, og, G, R, C, T,
+            BLOCK_R=block_r, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb, num_warps=num_warps)
     return q, s
 
 
@@ -236,13 +241,11 @@ def quantize_1x128_col_triton(x, offs=None, block_k: int = 64, num_warps: int = 
     T = max_tiles(M, None if offs is None else offs.numel())
     qt = torch.empty(K, M, dtype=FP8, device=x.device)
     st = torch.ones(K, T, dtype=torch.float32, device=x.device)
-    ts, te, grouped = _bounds(offs, M, x.device)
+    og, G, grouped, gb = _groups(offs, x.device)
     if K and T:
         _quantize_cols_kernel[(T, cdiv(K, block_k))](
-            x, qt.view(torch.uint8), st, ts, te, M, K, T,
-            BLOCK_K=block_k, TILE_=TILE, GROUPED=grouped, num_warps=num_warps)
-    if grouped:
-        qt.view(torch.uint8)[:, _covered(offs, M).logical_not()] = 0
+            x, qt.view(torch.uint8), st, og, G, M, K, T,
+            BLOCK_K=block_k, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb, num_warps=num_warps)
     return qt, st
 
 
@@ -250,11 +253,11 @@ def dequantize_1x128_triton(q, s, offs=None, out_dtype=torch.float32):
     R, C = q.shape
     T = s.shape[1]
     out = torch.zeros(R, C, dtype=out_dtype, device=q.device)
-    ts, te, grouped = _bounds(offs, C, q.device)
+    og, G, grouped, gb = _groups(offs, q.device)
     if R and T:
         _dequantize_rows_kernel[(cdiv(R, _BLOCK_R), T)](
-            q.view(torch.uint8), s, out, ts, te, R, C, T,
-            BLOCK_R=_BLOCK_R, TILE_=TILE, GROUPED=grouped)
+            q.view(torch.uint8), s, out, og, G, R, C, T,
+            BLOCK_R=_BLOCK_R, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb)
     return out
 
 
@@ -299,12 +302,6 @@ def dequantize_128x128_triton(q, s, out_dtype=torch.float32):
         _dequantize_blocks_kernel[(E, NB, KB)](q.view(torch.uint8), s, out, N, K, NB, KB,
                                                TILE_=TILE)
     return out
-
-
-def _covered(offs: torch.Tensor, length: int) -> torch.Tensor:
-    """Bool mask of the positions that lie inside some group (positions < offs[-1])."""
-    idx = torch.arange(length, device=offs.device)
-    return idx < offs[-1].to(idx.dtype)
 
 
 # ---------------------------------------------------------------- checks

@@ -50,7 +50,7 @@ from ..errors import require, require_dtype
 from ..recipe import TILE
 from .common import FP8, use_triton
 from .groups import cdiv, max_tiles, tile_bounds
-from .quantize import tile_range
+from .quantize import _groups, tile_range
 
 _OP = "scaling_aware_transpose"
 
@@ -117,23 +117,25 @@ def shift_e4m3(byte, k):
 
 
 @triton.jit
-def _transpose_kernel(q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, M, K, KB, T,
-                      TILE_: tl.constexpr, GROUPED: tl.constexpr):
+def _transpose_kernel(q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, G, M, K, KB, T,
+                      TILE_: tl.constexpr, GROUPED: tl.constexpr, G_BLOCK: tl.constexpr):
     # One program per (tile slot t, column block kb): reads q[start:end, block] and s[rows, kb],
-    # writes qT[block, start:end] and sT[block, t].
+    # writes qT[block, start:end] and sT[block, t]. The rows past offs[-1] come as slots of
+    # their own that read nothing: zero bytes, scale 1.
     t = tl.program_id(0)
     kb = tl.program_id(1)
-    start, end = tile_range(ts_ptr, te_ptr, t, M, TILE_, GROUPED)
+    start, end, live = tile_range(offs_ptr, G, t, M, TILE_, GROUPED, G_BLOCK)
     rows = start + tl.arange(0, TILE_)
     cols = kb * TILE_ + tl.arange(0, TILE_)
     rmask = (rows < end) & (rows < M)
+    lmask = rmask & live
     byte = tl.load(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                   mask=rmask[:, None], other=0).to(tl.int32)
-    s = tl.load(s_ptr + rows.to(tl.int64) * KB + kb, mask=rmask, other=1.0)
+                   mask=lmask[:, None], other=0).to(tl.int32)
+    s = tl.load(s_ptr + rows.to(tl.int64) * KB + kb, mask=lmask, other=1.0)
     s_ex = (s.to(tl.int32, bitcast=True) >> 23) & 0xFF
     nonzero = tl.max(((byte & 0x7F) != 0).to(tl.int32), axis=1) > 0
     # Normal fp32 scales have exponent field >= 1, so 0 marks "no nonzero row" -> scale 1.
-    sc_ex = tl.max(tl.where(nonzero & rmask, s_ex, 0), axis=0)
+    sc_ex = tl.max(tl.where(nonzero & lmask, s_ex, 0), axis=0)
     sc_ex = tl.where(sc_ex == 0, 127, sc_ex)
     k = tl.maximum(sc_ex - s_ex, 0)  # negative only for all-zero rows, whose bytes stay zero
     # Narrow to bytes before the transpose: the layout change goes through shared memory, and
@@ -144,24 +146,7 @@ def _transpose_kernel(q_ptr, s_ptr, qt_ptr, st_ptr, ts_ptr, te_ptr, M, K, KB, T,
     tl.store(st_ptr + cols.to(tl.int64) * T + t, sc + tl.zeros([TILE_], tl.float32))
 
 
-@triton.jit
-def _zero_tail_kernel(qt_ptr, offs_ptr, G, M, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    # Rows past the last group end belong to no tile; their columns of qT become zero bytes.
-    pid_k = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    tail = tl.load(offs_ptr + G - 1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = ((rows >= tail) & (rows < M))[None, :]
-    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :],
-             tl.zeros([BLOCK_K, BLOCK_M], tl.uint8), mask=mask)
-
-
 # ---------------------------------------------------------------- launcher
-
-_TAIL_BLOCK_K = 32
-_TAIL_BLOCK_M = 128
-
 
 def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
                                    offs: torch.Tensor | None = None, num_warps: int = 8
@@ -172,18 +157,11 @@ def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
     qT = torch.empty(K, M, dtype=FP8, device=q.device)
     # Every (slot, block) program writes its 128 scale entries, empty slots included.
     sT = torch.empty(K, T, dtype=torch.float32, device=q.device)
-    if offs is None:
-        ts = te = torch.empty(1, dtype=torch.int32, device=q.device)
-    else:
-        ts, te = tile_bounds(offs, M, device=q.device)
+    og, G, grouped, gb = _groups(offs, q.device)
     if T and KB:
-        _transpose_kernel[(T, KB)](q.view(torch.uint8), s, qT.view(torch.uint8), sT, ts, te,
-                                   M, K, KB, T, TILE_=TILE, GROUPED=offs is not None,
+        _transpose_kernel[(T, KB)](q.view(torch.uint8), s, qT.view(torch.uint8), sT, og, G,
+                                   M, K, KB, T, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb,
                                    num_warps=num_warps)
-    if offs is not None and M and K:
-        grid = (cdiv(K, _TAIL_BLOCK_K), cdiv(M, _TAIL_BLOCK_M))
-        _zero_tail_kernel[grid](qT.view(torch.uint8), offs, offs.numel(), M,
-                                BLOCK_K=_TAIL_BLOCK_K, BLOCK_M=_TAIL_BLOCK_M)
     return qT, sT
 
 
