@@ -170,9 +170,10 @@ def main():
     for c in args.configs.split(","):
         mnk, rest = c.split("w")
         bm, bn, bk = map(int, mnk.split("x"))
+        rest, _, unroll = rest.partition("u")
         nw, ns = map(int, rest.split("s"))
         configs.append(G.GemmConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw,
-                                    num_stages=ns))
+                                    num_stages=ns, unroll=int(unroll or 1)))
     print(f"cuBLAS blockwise layout check: fwd rel err {check_cublas('fwd'):.1e}, "
           f"wgrad rel err {check_cublas('wgrad'):.1e}")
 
@@ -218,7 +219,7 @@ def main():
         err = rel_err(o, G.grouped_gemm_fp8_ref(a_q, a_s, b_q, b_s, offs, tb, torch.float32))
         ROWS.append(("", "", "", "", ""))
         gemm_row(f"grouped_gemm_fp8 {name} [{c.block_m}x{c.block_n}x{c.block_k} "
-                 f"w{c.num_warps}s{c.num_stages}]",
+                 f"w{c.num_warps}s{c.num_stages}u{c.unroll}]",
                  lambda: G.grouped_gemm_fp8_triton(a_q, a_s, b_q, b_s, offs, tb, torch.bfloat16, c),
                  flops, peer, f"rel err {err:.1e}")
         ROWS.append(("", "", "", "", ""))
@@ -239,7 +240,7 @@ def main():
         o = G.grouped_gemm_fp8_wgrad_triton(aT, aTs, bT, bTs, offs, torch.float32, c)
         err = rel_err(o, G.grouped_gemm_fp8_wgrad_ref(aT, aTs, bT, bTs, offs, torch.float32))
         gemm_row(f"grouped_gemm_fp8_wgrad {name} [{c.block_m}x{c.block_n}x{c.block_k} "
-                 f"w{c.num_warps}s{c.num_stages}]",
+                 f"w{c.num_warps}s{c.num_stages}u{c.unroll}]",
                  lambda: G.grouped_gemm_fp8_wgrad_triton(aT, aTs, bT, bTs, offs, torch.float32, c),
                  flops, peer, f"rel err {err:.1e}")
         ROWS.append(("", "", "", "", ""))

@@ -69,8 +69,16 @@ def _saved_bytes(joint: fx.GraphModule, num_fwd_outputs: int) -> dict[str, int]:
         if not isinstance(v, torch.Tensor) or n.op == "placeholder":
             continue
         key = str(v.dtype).replace("torch.", "")
-        res[key] = res.get(key, 0) + v.numel() * v.element_size()
+        res[key] = res.get(key, 0) + _hint(v.numel()) * v.element_size()
     return res
+
+
+def _hint(n) -> int:
+    """A size as an int: dynamic shapes give a SymInt, counted at the size it was traced with."""
+    if isinstance(n, int):
+        return n
+    from torch.fx.experimental.symbolic_shapes import hint_int
+    return hint_int(n)
 
 
 def _num_fwd_outputs(gm: fx.GraphModule) -> int:

@@ -219,7 +219,9 @@ def test_grouped_gemm_fp8_vs_float64(impl, case, trans_b):
 
 
 @pytest.mark.parametrize("config", [G.GemmConfig(block_m=32, block_n=64, block_k=64, group_m=2),
-                                    G.GemmConfig(block_m=64, block_n=256, group_m=1)])
+                                    G.GemmConfig(block_m=64, block_n=256, group_m=1),
+                                    G.GemmConfig(block_m=32, block_n=128, unroll=2),
+                                    G.GemmConfig(block_m=32, block_n=64, block_k=64, unroll=2)])
 def test_grouped_gemm_fp8_other_tiles(config):
     """Smaller/larger tiles: two K steps per scale tile, one scale block spanning several output
     tiles or several scale blocks in one tile, and the launch-order bands."""
@@ -276,10 +278,12 @@ def test_dense_wgrad_vs_float64(impl):
     check_gemm(out, deq_rows(aq, as_), deq_rows(bq, bs).t(), F32)
 
 
-def test_wgrad_other_tiles():
+@pytest.mark.parametrize("cfg", [G.GemmConfig(block_m=32, block_n=64, block_k=32, group_m=2),
+                                 G.GemmConfig(block_m=32, block_n=64, block_k=32, unroll=2),
+                                 G.GemmConfig(block_m=32, block_n=64, unroll=2)])
+def test_wgrad_other_tiles(cfg):
     offs = torch.tensor(OFFS_CASES["ragged"], dtype=torch.int32)
     _, _, (aq, as_), (bq, bs) = wgrad_operands(offs, n=100, k=160)
-    cfg = G.GemmConfig(block_m=32, block_n=64, block_k=32, group_m=2)
     out = G.grouped_gemm_fp8_wgrad_triton(aq, as_, bq, bs, offs, F32, cfg)
     a64, b64 = deq_rows(aq, as_, offs), deq_rows(bq, bs, offs)
     start = 0

@@ -84,6 +84,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    unroll: int = 1  # K steps per loop iteration (1 or 2), see _gemm_step
 
     def check(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -92,6 +93,8 @@ class GemmConfig:
                 raise ValueError(f"GemmConfig.{name}={v}: must be a power of two >= 16 (tl.dot)")
         if TILE % self.block_k:
             raise ValueError(f"GemmConfig.block_k={self.block_k} must divide the scale tile {TILE}")
+        if self.unroll not in (1, 2):
+            raise ValueError(f"GemmConfig.unroll={self.unroll} must be 1 or 2")
         if self.group_m < 1:
             raise ValueError(f"GemmConfig.group_m={self.group_m} must be >= 1")
 
@@ -212,33 +215,73 @@ def _store_out(c_ptrs, acc, mask, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _scale_b(d, sb, BLOCK_N: tl.constexpr, TILE_: tl.constexpr):
+    if BLOCK_N <= TILE_:
+        return d * sb
+    return d * sb[None, :]
+
+
+@triton.jit
 def _gemm_step(acc, k0, a_ptrs, b_ptrs, as_ptrs, bs_cols, stride_bk, stride_bsk,
-               BLOCK_N: tl.constexpr, TILE_: tl.constexpr, COMPILED: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_: tl.constexpr,
+               COMPILED: tl.constexpr, UNROLL: tl.constexpr):
+    # UNROLL = 2 takes two K steps per iteration: both MMAs are issued before either result is
+    # rescaled, so the tensor cores run them back to back instead of idling during each
+    # promotion (the launcher uses it only when K is a multiple of 2 * BLOCK_K).
     a = _load_fp8(a_ptrs + k0, None, COMPILED)
     b = _load_fp8(b_ptrs + k0 * stride_bk, None, COMPILED)
     kt = k0 // TILE_
     sa = tl.load(as_ptrs + kt)
     sb = tl.load(bs_cols + kt * stride_bsk)
-    if BLOCK_N <= TILE_:
-        acc += (_step_dot(a, b, COMPILED) * sa[:, None]) * sb
+    if UNROLL == 2:
+        a2 = _load_fp8(a_ptrs + (k0 + BLOCK_K), None, COMPILED)
+        b2 = _load_fp8(b_ptrs + (k0 + BLOCK_K) * stride_bk, None, COMPILED)
+        kt2 = (k0 + BLOCK_K) // TILE_
+        sa2 = tl.load(as_ptrs + kt2)
+        sb2 = tl.load(bs_cols + kt2 * stride_bsk)
+        d = _step_dot(a, b, COMPILED)
+        d2 = _step_dot(a2, b2, COMPILED)
+        acc += _scale_b(d * sa[:, None], sb, BLOCK_N, TILE_)
+        acc += _scale_b(d2 * sa2[:, None], sb2, BLOCK_N, TILE_)
     else:
-        acc += (_step_dot(a, b, COMPILED) * sa[:, None]) * sb[None, :]
+        acc += _scale_b(_step_dot(a, b, COMPILED) * sa[:, None], sb, BLOCK_N, TILE_)
     return acc
 
 
 @triton.jit
-def _wgrad_step(acc, p0, tok_start, tok_end, a_ptr, as_ptr, b_ptr, bs_ptr, rows_ld, cols_ld,
-                P, T, slot0, BLOCK_K: tl.constexpr, TILE_: tl.constexpr,
-                COMPILED: tl.constexpr):
+def _wgrad_load(p0, tok_end, a_ptr, as_ptr, b_ptr, bs_ptr, rows_ld, cols_ld, P, T, t,
+                BLOCK_K: tl.constexpr, COMPILED: tl.constexpr):
     p = p0 + tl.arange(0, BLOCK_K)
     # Both operands masked: a token of the next group may hold NaN, and 0 * NaN is NaN.
     pm = p < tok_end
     a = _load_fp8(a_ptr + rows_ld[:, None] * P + p[None, :], pm[None, :], COMPILED)
     b = _load_fp8(b_ptr + cols_ld[None, :] * P + p[:, None], pm[:, None], COMPILED)
+    # A step wholly past the group (the second half of an unrolled step) reads scale 0.
+    live = p0 < tok_end
+    sa = tl.load(as_ptr + rows_ld * T + t, mask=live, other=0.0)
+    sb = tl.load(bs_ptr + cols_ld * T + t, mask=live, other=0.0)
+    return a, b, sa, sb
+
+
+@triton.jit
+def _wgrad_step(acc, p0, tok_start, tok_end, a_ptr, as_ptr, b_ptr, bs_ptr, rows_ld, cols_ld,
+                P, T, slot0, BLOCK_K: tl.constexpr, TILE_: tl.constexpr,
+                COMPILED: tl.constexpr, UNROLL: tl.constexpr):
     t = slot0 + (p0 - tok_start) // TILE_
-    sa = tl.load(as_ptr + rows_ld * T + t)
-    sb = tl.load(bs_ptr + cols_ld * T + t)
-    return acc + (_step_dot(a, b, COMPILED) * sa[:, None]) * sb[None, :]
+    a, b, sa, sb = _wgrad_load(p0, tok_end, a_ptr, as_ptr, b_ptr, bs_ptr, rows_ld, cols_ld,
+                               P, T, t, BLOCK_K, COMPILED)
+    if UNROLL == 2:
+        a2, b2, sa2, sb2 = _wgrad_load(p0 + BLOCK_K, tok_end, a_ptr, as_ptr, b_ptr, bs_ptr,
+                                       rows_ld, cols_ld, P, T,
+                                       slot0 + (p0 + BLOCK_K - tok_start) // TILE_, BLOCK_K,
+                                       COMPILED)
+        d = _step_dot(a, b, COMPILED)
+        d2 = _step_dot(a2, b2, COMPILED)
+        acc += (d * sa[:, None]) * sb[None, :]
+        acc += (d2 * sa2[:, None]) * sb2[None, :]
+    else:
+        acc += (_step_dot(a, b, COMPILED) * sa[:, None]) * sb[None, :]
+    return acc
 
 
 @triton.jit
@@ -248,7 +291,8 @@ def _gemm_fp8_kernel(
         stride_be, stride_bk, stride_bn, stride_bse, stride_bsk, stride_bsn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr,
-        COMPILED: tl.constexpr, OUT_BF16: tl.constexpr, G_BLOCK: tl.constexpr):
+        COMPILED: tl.constexpr, OUT_BF16: tl.constexpr, G_BLOCK: tl.constexpr,
+        UNROLL: tl.constexpr):
     # A [M, K] row-major E4M3 with scales [M, K/TILE_]. B element (e, k, n) at
     # e*stride_be + k*stride_bk + n*stride_bn, its block scale at the same with the stride_bs*
     # strides on (k // TILE_, n // TILE_): strides alone pick the orientation (fprop or dgrad).
@@ -286,15 +330,15 @@ def _gemm_fp8_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if COMPILED:
-        for k0 in range(0, k_end, BLOCK_K):
+        for k0 in range(0, k_end, BLOCK_K * UNROLL):
             acc = _gemm_step(acc, k0, a_ptrs, b_ptrs, as_ptrs, bs_cols, stride_bk, stride_bsk,
-                             BLOCK_N, TILE_, COMPILED)
+                             BLOCK_N, BLOCK_K, TILE_, COMPILED, UNROLL)
     else:
         k0 = 0
         while k0 < k_end:
             acc = _gemm_step(acc, k0, a_ptrs, b_ptrs, as_ptrs, bs_cols, stride_bk, stride_bsk,
-                             BLOCK_N, TILE_, COMPILED)
-            k0 += BLOCK_K
+                             BLOCK_N, BLOCK_K, TILE_, COMPILED, UNROLL)
+            k0 += BLOCK_K * UNROLL
 
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     mask = (rows < row_end)[:, None] & (cols < N)[None, :]
@@ -307,7 +351,7 @@ def _wgrad_fp8_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, TILE_: tl.constexpr, COMPILED: tl.constexpr,
         OUT_BF16: tl.constexpr, ALIGN: tl.constexpr, GROUPED: tl.constexpr,
-        G_BLOCK: tl.constexpr):
+        G_BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     # out[g] [N, K] = A[:, group g] @ B[:, group g]^T with A [N, P], B [K, P] (tokens contiguous:
     # both operands K-major, as fp8 wgmma wants). Scales per (row, token tile slot).
     pid = tl.program_id(0)
@@ -337,19 +381,19 @@ def _wgrad_fp8_kernel(
             # branch below (seen on the H100 as a misaligned-address fault).
             start = tl.multiple_of((tok_start // ALIGN) * ALIGN, ALIGN)
             end = tl.multiple_of((tok_end // ALIGN) * ALIGN, ALIGN)
-            for p0 in range(start, end, BLOCK_K):
+            for p0 in range(start, end, BLOCK_K * UNROLL):
                 acc = _wgrad_step(acc, p0, start, end, a_ptr, as_ptr, b_ptr, bs_ptr,
-                                  rows_ld, cols_ld, P, T, slot0, BLOCK_K, TILE_, COMPILED)
+                                  rows_ld, cols_ld, P, T, slot0, BLOCK_K, TILE_, COMPILED, UNROLL)
         else:
-            for p0 in range(tok_start, tok_end, BLOCK_K):
+            for p0 in range(tok_start, tok_end, BLOCK_K * UNROLL):
                 acc = _wgrad_step(acc, p0, tok_start, tok_end, a_ptr, as_ptr, b_ptr, bs_ptr,
-                                  rows_ld, cols_ld, P, T, slot0, BLOCK_K, TILE_, COMPILED)
+                                  rows_ld, cols_ld, P, T, slot0, BLOCK_K, TILE_, COMPILED, UNROLL)
     else:
         p0 = tok_start
         while p0 < tok_end:
             acc = _wgrad_step(acc, p0, tok_start, tok_end, a_ptr, as_ptr, b_ptr, bs_ptr,
-                              rows_ld, cols_ld, P, T, slot0, BLOCK_K, TILE_, COMPILED)
-            p0 += BLOCK_K
+                              rows_ld, cols_ld, P, T, slot0, BLOCK_K, TILE_, COMPILED, UNROLL)
+            p0 += BLOCK_K * UNROLL
 
     c_ptrs = c_ptr + g.to(tl.int64) * N * K + rows[:, None].to(tl.int64) * K + cols[None, :]
     mask = (rows < N)[:, None] & (cols < K)[None, :]
@@ -398,6 +442,7 @@ def _launch_gemm(a_q, a_s, b_q, b_s, trans_b, out_dtype, offs, config):
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, TILE_=TILE, GROUPED=grouped, COMPILED=a_q.is_cuda,
         OUT_BF16=out_dtype == torch.bfloat16, G_BLOCK=g_block,
+        UNROLL=config.unroll if K % (config.block_k * config.unroll) == 0 else 1,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -431,7 +476,7 @@ def _launch_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, config):
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, TILE_=TILE, COMPILED=a_q.is_cuda,
         OUT_BF16=out_dtype == torch.bfloat16, ALIGN=_VEC, GROUPED=offs is not None,
-        G_BLOCK=group_block(E),
+        G_BLOCK=group_block(E), UNROLL=config.unroll,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 

@@ -66,7 +66,8 @@ def _reaches_topk(n: fx.Node, limit: int = 12) -> bool:
                 seen.add(u)
                 if u.target is aten.topk.default:
                     return True
-                nxt.append(u)
+                if u.target not in GEMM_OPS:  # a GEMM in between makes n the layer before
+                    nxt.append(u)
         frontier = nxt
     return False
 
