@@ -49,7 +49,7 @@ import triton.language as tl
 from ..errors import require, require_dtype
 from ..recipe import TILE
 from .common import FP8, use_triton
-from .groups import cdiv, max_tiles, tile_bounds
+from .groups import max_tiles, tile_bounds
 from .quantize import _groups, tile_range
 
 _OP = "scaling_aware_transpose"
