@@ -174,3 +174,22 @@ def test_no_recompiles_across_steps(moe_setup):
 
 def test_backend_found_by_name():
     assert "fp8flow" in torch._dynamo.list_backends(exclude_tags=())
+
+
+def test_torch_logs_prints_the_rewritten_graphs(tmp_path):
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import torch, fp8flow_compile as ff\n"
+        "m = torch.nn.Linear(256, 256, dtype=torch.bfloat16)\n"
+        "x = torch.randn(32, 256, dtype=torch.bfloat16)\n"
+        "torch.compile(m, backend=ff.fp8flow, options={'inner': 'eager'})(x).sum().backward()\n")
+    env = dict(os.environ, TORCH_LOGS="+fp8flow_compile",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fp8flow graph_0 after graph" in out.stderr
+    assert "torch.ops.fp8flow.gemm_fp8" in out.stderr
