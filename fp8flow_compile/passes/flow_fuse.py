@@ -19,8 +19,8 @@ probability). The expression is then evaluated on test values (rows of ordinary,
 magnitudes, |x| up to 40, so clamps, scaled sigmoids or shifted gates show) and compared with the
 SwiGLU reference; only an expression that agrees to within the rounding of its intermediate
 dtype is replaced. So the rule is about what the graph computes, not how the model's source
-spells it; anything else (a clamped SwiGLU, GELU gating) keeps its explicit quantization and the
-log says why.
+spells it; anything else (a clamped SwiGLU, GELU gating, gate and up from two GEMMs) keeps its
+explicit quantization, and where the expression holds an activation the log says why.
 """
 
 from __future__ import annotations
@@ -183,7 +183,19 @@ def _env(halves, h_test, per_row, probs_test):
     return env
 
 
-def _match_forward(x: fx.Node):
+NOT_HALVES = ("its inputs are not the two halves of one [P, 2I] tensor (gate and up from "
+              "separate GEMMs, interleaved columns, or an op the rule does not follow such as "
+              "a clamp); swiglu_quant reads one [P, 2I] tensor")
+NOT_SWIGLU = "it is not silu(gate) * up on test values (a clamped or scaled gate?)"
+
+
+def _looks_gated(nodes: list[fx.Node]) -> bool:
+    """An activation is in the expression: worth saying why it was not fused."""
+    return any(n.target in (aten.exp.default, aten.sigmoid.default, aten.silu.default)
+               for n in nodes)
+
+
+def _match_forward(x: fx.Node, why: list[str]):
     """(h, probs leaf or None) if x = silu(h[:, :I]) * h[:, I:] [* probs]."""
     xv = val(x)
     if xv.dim() != 2:
@@ -194,6 +206,8 @@ def _match_forward(x: fx.Node):
     nodes, leaves = expr
     c = _classify(leaves, xv.shape[0], xv.shape[1])
     if c is None or c[3] or len(c[2]) > 1:
+        if _looks_gated(nodes):
+            why.append(NOT_HALVES)
         return None
     h, halves, per_row, _ = c
     hv = val(h)
@@ -205,6 +219,7 @@ def _match_forward(x: fx.Node):
         return None
     want = swiglu_ref(h_test, None if p_test is None else p_test.view(-1))
     if not _close(got, want.to(got.dtype), got.dtype):
+        why.append(NOT_SWIGLU)
         return None
     return h, (per_row[0] if per_row else None)
 
@@ -245,7 +260,7 @@ def _grad_halves(x: fx.Node):
     return None
 
 
-def _match_backward(x: fx.Node):
+def _match_backward(x: fx.Node, why: list[str]):
     """(dA, h, probs leaf or None) if x [P, 2I] holds the SwiGLU gradient (d_gate, d_up)."""
     xv = val(x)
     halves = _grad_halves(x)
@@ -259,11 +274,11 @@ def _match_backward(x: fx.Node):
             return None
         parts.append(expr)
     c = _classify(parts[0][1] + parts[1][1], rows, width)
-    if c is None:
+    if c is None or len(set(c[3])) != 1 or len(set(c[2])) > 1:
+        if _looks_gated(parts[0][0] + parts[1][0]):
+            why.append(NOT_HALVES)
         return None
     h, halves, per_row, full = c
-    if len(set(full)) != 1 or len(set(per_row)) > 1:
-        return None
     d_a = full[0]
     hv = val(h)
     h_test = _test_h(width, hv.dtype)
@@ -279,6 +294,7 @@ def _match_backward(x: fx.Node):
         except Exception:
             return None
         if not _close(got, want[:, i * width:(i + 1) * width].to(got.dtype), got.dtype):
+            why.append(NOT_SWIGLU)
             return None
     return d_a, h, (per_row[0] if per_row else None)
 
@@ -323,9 +339,13 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         if n.target is not ops.quantize_1x128.default or (len(n.args) > 1 and n.args[1]):
             continue
         x = n.args[0]
+        why: list[str] = []
         with unset_fake_temporarily():  # the test values are real tensors
-            fwd = _match_forward(x)
-            bwd = None if fwd is not None else _match_backward(x)
+            fwd = _match_forward(x, why)
+            bwd = None if fwd is not None else _match_backward(x, why)
+        if fwd is None and bwd is None and why:
+            ctx.log.append(f"fuse: quantization of {x.name} kept, not fused into a SwiGLU op: "
+                           f"{why[0]}")
         if fwd is not None:
             h, p = fwd
             why = _tiled(h)
