@@ -54,23 +54,48 @@ def _decompositions():
     return select_decomp_table()
 
 
-def _saved_bytes(joint: fx.GraphModule, num_fwd_outputs: int) -> dict[str, int]:
-    """Bytes of activations the forward saves for backward, by dtype (parameters excluded)."""
+def _saved_bytes(joint: fx.GraphModule, num_fwd_outputs: int,
+                 params: dict[str, tuple[bool, str]]) -> tuple[dict, dict]:
+    """Bytes the forward saves for backward, by dtype: (activations, weight copies).
+
+    A saved tensor computed from parameters alone (a view of a weight, its FP8 copy) is a weight
+    copy; anything that depends on an input is an activation. Graph inputs themselves are not
+    counted (they are alive anyway)."""
     import copy
 
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     gm = copy.deepcopy(joint)
     inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     fw, _ = min_cut_rematerialization_partition(gm, inputs, num_fwd_outputs=num_fwd_outputs)
+    from_weights: dict[fx.Node, bool] = {}
+    for n in fw.graph.nodes:
+        if n.op == "placeholder":
+            from_weights[n] = params.get(n.name, (False, ""))[0]
+        else:
+            ins = n.all_input_nodes
+            from_weights[n] = bool(ins) and all(from_weights.get(a, False) for a in ins)
     out = next(n for n in fw.graph.nodes if n.op == "output").args[0]
-    res: dict[str, int] = {}
+    acts: dict[str, int] = {}
+    weights: dict[str, int] = {}
     for n in out[num_fwd_outputs:]:
         v = n.meta.get("val") if isinstance(n, fx.Node) else None
-        if not isinstance(v, torch.Tensor) or n.op == "placeholder":
+        if not isinstance(v, torch.Tensor) or _view_of_input(n):
             continue
+        res = weights if from_weights.get(n) else acts
         key = str(v.dtype).replace("torch.", "")
         res[key] = res.get(key, 0) + _hint(v.numel()) * v.element_size()
-    return res
+    return acts, weights
+
+
+_VIEWS = {"view", "_unsafe_view", "permute", "t", "transpose", "expand", "alias", "slice",
+          "select", "unsqueeze", "squeeze", "as_strided"}
+
+
+def _view_of_input(n: fx.Node) -> bool:
+    """n is a graph input or a view of one: it costs no memory of its own."""
+    while n.op == "call_function" and getattr(n.target, "_opname", None) in _VIEWS:
+        n = n.args[0]
+    return n.op == "placeholder"
 
 
 def _hint(n) -> int:
@@ -112,8 +137,9 @@ def fp8flow(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None 
         rec = passes.run_joint(joint, ctx)
         saved = {}
         try:
-            saved = {"bf16_baseline": _saved_bytes(rec["before"], nfo),
-                     "fp8flow": _saved_bytes(joint, nfo)}
+            (saved["bf16_baseline"], saved["bf16_baseline_weights"]) = _saved_bytes(
+                rec["before"], nfo, params)
+            saved["fp8flow"], saved["fp8flow_weights"] = _saved_bytes(joint, nfo, params)
         except Exception as e:  # the report must not break a compile
             log.warning("fp8flow: saved-activation accounting failed: %s", e)
         gemms = [{"name": g.node.name, "describe": g.describe(), "fp8": g.fp8,

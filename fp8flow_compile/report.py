@@ -41,7 +41,8 @@ class Report:
         g8 = sum(1 for r in self.records for g in r.gemms if g["fp8"])
         g16 = sum(1 for r in self.records for g in r.gemms if not g["fp8"])
         saved = {k: sum(sum(r.saved_bytes.get(k, {}).values()) for r in self.records)
-                 for k in ("bf16_baseline", "fp8flow")}
+                 for k in ("bf16_baseline", "fp8flow", "bf16_baseline_weights",
+                           "fp8flow_weights")}
         return {
             "graphs": len(self.records),
             "gemms_fp8": g8,
@@ -50,8 +51,12 @@ class Report:
             "casts_after": sum(_act(r.casts_after) for r in self.records),
             "weight_casts": sum(v.get("weight", 0) for r in self.records
                                 for v in r.casts_after.values()),
+            # Activations saved for backward (tensors that depend on an input), and apart from
+            # them the weight copies the backward reads (FP8 weights in the flow; BF16 graphs
+            # save views of the parameters, which cost nothing).
             "saved_activation_bytes": saved["fp8flow"],
             "saved_activation_bytes_bf16": saved["bf16_baseline"],
+            "saved_weight_bytes": saved["fp8flow_weights"],
         }
 
     def __str__(self) -> str:
@@ -74,8 +79,11 @@ class Report:
                            f"fp8 ops {_ops(b)}")
             sb = r.saved_bytes
             if sb:
-                out.append(f"   saved for backward: {_fmt(sb.get('fp8flow', {}))} "
+                out.append(f"   activations saved for backward: {_fmt(sb.get('fp8flow', {}))} "
                            f"(BF16 graph: {_fmt(sb.get('bf16_baseline', {}))})")
+                if sum(sb.get("fp8flow_weights", {}).values()):
+                    out.append(f"   weight copies saved for backward: "
+                               f"{_fmt(sb['fp8flow_weights'])}")
             out.extend(f"   {m}" for m in r.log)
         s = self.summary()
         out.append(f"== total: {s['gemms_fp8']} GEMMs in FP8, {s['gemms_bf16']} in BF16; "

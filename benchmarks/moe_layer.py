@@ -1,0 +1,879 @@
+"""Side-by-side benchmark of the canonical MoE layer (`examples.moe.MoE`), forward + backward.
+
+Variants (keys for `--variants`):
+
+- ``bf16_eager``     "bf16 eager": the module as written.
+- ``bf16_compiled``  "bf16 compiled": `torch.compile` with the default Inductor backend; the
+  baseline of the speedup column.
+- ``fp8_naive``      "fp8 naive": `backend=fp8flow, options={"flow": False}`, every GEMM operand
+  quantized from its high-precision value (the Q/DQ graph before the flow rewrites).
+- ``fp8flow``        "fp8flow": `backend=fp8flow` with its default options.
+- ``fp8_hand``       "fp8 hand-wired": the routed experts through
+  `fp8flow_compile.flow.moe_experts_fp8_flow`, the target of the rewrite, run eagerly.
+- ``torchao_fp8``    "torchao fp8 rowwise": torchao's MoE training prototype (its tensor subclass
+  sends `torch._grouped_mm` to a dynamically quantized FP8 rowwise grouped GEMM), compiled with
+  Inductor as torchao recommends; only when `import torchao` works.
+- ``torchao_fp8_eager`` "torchao fp8 rowwise eager": the same without torch.compile (its
+  quantization kernels are Triton either way), in case the subclass and the layer's graph break
+  at `bincount` do not compile together.
+
+Routing is fixed by the benchmark, not learned: `route()` returns buffers built here, so every
+variant sees the same expert loads. ``balanced`` gives every expert T*k/E tokens; ``skewed``
+gives Zipf-like loads (s = 1.2) over 7/8 of the experts and none to the rest, each load capped at
+T (a token picks an expert at most once). By default every load is a multiple of 16
+(`--align`): torchao's FP8 grouped GEMM needs token groups in multiples of 16, and real
+training stacks pad groups that way. The routing weights are the softmax of fixed random logits,
+detached: no gradient flows to them, so the router GEMM and its backward are not part of the
+measured step (the layer's router parameter is unused).
+
+Per row (JSON keys in brackets):
+
+- [ms] median of `--reps` forward + backward steps timed with CUDA events, after the first call
+  (the compile) and `--warmup` steps; gradients are set to None before each step, untimed.
+- [tflops] the six expert GEMMs only: 3 x 2*P*H*2I (FC1) + 3 x 2*P*I*H (FC2), P = T*k.
+- [peak_bytes] `max_memory_allocated` during one forward + backward (peak stats reset first)
+  minus `memory_allocated` before it: beyond the weights and inputs, so the gradients of x,
+  w13 and w2 are in it.
+- [saved_bytes_hooks] what the forward saves for backward: the distinct storages handed to
+  `torch.autograd.graph.saved_tensors_hooks` during one forward, parameters and the input
+  left out. A compiled graph saves through its autograd function, so this is what the
+  partitioner kept. FP8 variants count their quantized weight copies here (the BF16 ones
+  save the parameters themselves, which are left out).
+- [forward_live_bytes] (GPU only) `memory_allocated` after one forward minus before, minus the
+  output: everything the forward leaves alive, as the allocator sees it. It differs from the
+  hooks count where a saved view keeps a larger buffer alive or a graph keeps extra state.
+- [err_out, err_dx, err_dw13, err_dw2] ||a - b|| / ||b|| against the same layer in float32
+  eager on the same (upcast) weights, inputs and output gradient, computed once per shape and
+  routing (if this torch's grouped GEMM takes no float32, the reference runs a per-expert loop
+  of matmuls instead; [ref] says which).
+- [first_call_s] wall time of the first forward + backward: the compile for compiled variants.
+  Unless TORCHINDUCTOR_CACHE_DIR or TRITON_CACHE_DIR is set, both caches point at a fresh
+  folder and the FX graph cache is off, so compiles are cold (Triton binaries built earlier
+  in the same run are reused).
+- [speedup] ms of "bf16 compiled" at the same shape and routing / ms.
+
+Results go to stdout (a table per shape at the end), to `<out>/moe_layer_<stamp>.jsonl` (one
+JSON object per row, written and flushed as soon as the row is measured; a failing variant
+records its error and the run goes on) and to a PNG bar chart of the speedups.
+`--smoke` runs tiny shapes on the CPU with one timed step: every code path except the CUDA
+timing and memory counters. `--profile VARIANT` prints the top-25 kernels of 3 steps instead.
+
+    PYTHONPATH=. python benchmarks/moe_layer.py                       # everything, on a GPU
+    PYTHONPATH=. python benchmarks/moe_layer.py --shapes dsv3 --variants bf16_compiled,fp8flow
+    PYTHONPATH=. python benchmarks/moe_layer.py --profile fp8flow --shapes dsv3 --routings balanced
+    PYTHONPATH=. python benchmarks/moe_layer.py --report bench-out/moe_layer_*.jsonl
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/moe_layer.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+
+# Compile times are only comparable when nothing was cached by an earlier run: unless the caller
+# chose cache folders, use fresh ones (set before torch and triton read them).
+_FRESH_CACHE = "TORCHINDUCTOR_CACHE_DIR" not in os.environ and "TRITON_CACHE_DIR" not in os.environ
+if _FRESH_CACHE:
+    _cache = tempfile.mkdtemp(prefix="moe-layer-bench-cache-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_cache, "inductor")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(_cache, "triton")
+
+import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fp8flow_compile as ff  # noqa: E402
+from examples.moe import MoE  # noqa: E402
+from examples.quickstart import FlowMoE  # noqa: E402
+
+# name: (T, H, I, E, top_k)
+SHAPES = {
+    "dsv3": (8192, 7168, 2048, 32, 8),
+    "mixtral": (8192, 4096, 14336, 8, 2),
+    "olmoe": (8192, 2048, 1024, 64, 8),
+}
+# Sizes the CPU runs in seconds (the FP8 torch references loop over experts, so at most 16
+# experts); H and I stay multiples of 128 because the FP8 recipe tiles them in 128-wide blocks.
+SMOKE_SHAPES = {
+    "dsv3": (64, 256, 128, 16, 4),
+    "mixtral": (64, 128, 256, 8, 2),
+    "olmoe": (64, 128, 128, 16, 4),
+}
+ROUTINGS = ("balanced", "skewed")
+VARIANTS = {
+    "bf16_eager": "bf16 eager",
+    "bf16_compiled": "bf16 compiled",
+    "fp8_naive": "fp8 naive",
+    "fp8flow": "fp8flow",
+    "fp8_hand": "fp8 hand-wired",
+    "torchao_fp8": "torchao fp8 rowwise",
+    "torchao_fp8_eager": "torchao fp8 rowwise eager",
+}
+BASELINE = "bf16_compiled"
+ZIPF_S = 1.2
+MIB = 1 << 20
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------- routing
+
+
+class FixedRoute:
+    """Mixin: `route()` returns routing tensors set by the benchmark instead of the router's."""
+
+    def set_routing(self, topw: torch.Tensor, topi: torch.Tensor) -> None:
+        self.register_buffer("fixed_topw", topw, persistent=False)
+        self.register_buffer("fixed_topi", topi, persistent=False)
+
+    def route(self, x):
+        return self.fixed_topw, self.fixed_topi
+
+
+class RoutedMoE(FixedRoute, MoE):
+    """The canonical layer with fixed routing."""
+
+
+class RoutedFlowMoE(FixedRoute, FlowMoE):
+    """The hand-wired FP8 flow layer with fixed routing."""
+
+
+def zipf_loads(total: int, n: int, cap: int, s: float) -> list[int]:
+    """Integer loads over n experts summing to `total`, proportional to rank**-s, each <= cap.
+
+    Experts whose share would pass the cap get the cap and the rest is shared again among the
+    others, so the head of the distribution is flat at `cap` when the Zipf head is too heavy.
+    """
+    assert total <= n * cap, (total, n, cap)
+    w = [r ** -s for r in range(1, n + 1)]
+    fixed: dict[int, float] = {}
+    while True:
+        free = [i for i in range(n) if i not in fixed]
+        left = total - sum(fixed.values())
+        wsum = sum(w[i] for i in free)
+        share = {i: left * w[i] / wsum for i in free}
+        over = [i for i in free if share[i] > cap]
+        if not over:
+            break
+        for i in over:
+            fixed[i] = cap
+    exact = {**fixed, **share}
+    loads = [min(cap, math.floor(exact[i])) for i in range(n)]
+    # Hand out the rounding remainder by largest fractional part, never past the cap.
+    order = sorted(range(n), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
+    rest = total - sum(loads)
+    while rest > 0:
+        for i in order:
+            if rest and loads[i] < cap:
+                loads[i] += 1
+                rest -= 1
+    return loads
+
+
+def make_routing(kind: str, T: int, E: int, k: int, align: int, seed: int,
+                 device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Fixed (topw [T, k] fp32, topi [T, k] int64, loads [E]) for a routing kind.
+
+    Loads are chosen first (in units of `align` tokens), then the slots are filled expert by
+    expert down the columns of the [T, k] slot table, slot s going to token s % T: a run of at
+    most T consecutive slots never visits a token twice, so each token gets k distinct experts.
+    Token order and expert ids are then shuffled so heavy experts and neighbouring tokens are
+    not correlated with the id order.
+    """
+    if T % align or (T * k) % align:
+        raise ValueError(f"T={T} and T*k={T * k} must be multiples of align={align}")
+    units, cap = T * k // align, T // align
+    if kind == "balanced":
+        if units % E:
+            raise ValueError(f"balanced routing needs T*k/align={units} divisible by E={E}")
+        loads = [units // E * align] * E
+    elif kind == "skewed":
+        empty = max(1, E // 8)
+        loads = [u * align for u in zipf_loads(units, E - empty, cap, ZIPF_S)] + [0] * empty
+    else:
+        raise ValueError(f"unknown routing {kind!r}")
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.randperm(E, generator=g)  # which expert id gets the i-th load
+    loads_by_id = [0] * E
+    for i, n in enumerate(loads):
+        loads_by_id[int(experts[i])] = n
+    flat = torch.repeat_interleave(experts, torch.tensor(loads))  # [T*k], expert per slot
+    topi = flat.reshape(k, T).t()  # slot s -> (token s % T, column s // T)
+    topi = topi[torch.randperm(T, generator=g)].contiguous()
+    assert (topi.sort(dim=1).values.diff(dim=1) > 0).all(), "a token got an expert twice"
+    logits = torch.randn(T, k, generator=g)
+    topw = torch.softmax(logits, dim=-1)
+    return topw.to(device), topi.to(device), loads_by_id
+
+
+# ------------------------------------------------------------------------------ model building
+
+
+def build(cls, dims, w13: torch.Tensor, w2: torch.Tensor, topw, topi, dtype) -> nn.Module:
+    """A layer of class `cls` whose expert weights are `w13`, `w2` (cast to `dtype`; shared
+    storage when already of that dtype) and whose routing is fixed to (topw, topi)."""
+    T, H, I, E, k = dims
+    m = cls(H, I, E, k, dtype=dtype, device="meta")
+    dev = w13.device
+    # The router is never called with fixed routing; give it a real, frozen tensor all the same.
+    m.router.weight = nn.Parameter(torch.zeros(E, H, dtype=dtype, device=dev), requires_grad=False)
+    m.w13 = nn.Parameter(w13.to(dtype))
+    m.w2 = nn.Parameter(w2.to(dtype))
+    m.set_routing(topw, topi)
+    return m
+
+
+def torchao_convert(model: nn.Module) -> str:
+    """Swap the layer's parameters for torchao's FP8 rowwise training tensor subclass.
+
+    torchao >= 0.17 names it `Float8TrainingOpConfig`; older releases `MoETrainingConfig`
+    (with a scaling-type argument in some of them). Returns the API that was used."""
+    from torchao.quantization import quantize_
+
+    is_moe = lambda mod, fqn: isinstance(mod, MoE)
+    try:
+        from torchao.prototype.moe_training.config import Float8TrainingOpConfig
+        quantize_(model, Float8TrainingOpConfig(), filter_fn=is_moe)
+        return "Float8TrainingOpConfig"
+    except ImportError:
+        pass
+    from torchao.prototype.moe_training.conversion_utils import MoETrainingConfig
+    try:
+        from torchao.prototype.moe_training.conversion_utils import MoEScalingType
+        config = MoETrainingConfig(scaling_type=MoEScalingType.FP8_ROWWISE)
+    except (ImportError, AttributeError, TypeError):
+        config = MoETrainingConfig()
+    quantize_(model, config, filter_fn=is_moe)
+    return "MoETrainingConfig"
+
+
+def torchao_status() -> tuple[bool, str]:
+    try:
+        import torchao
+    except Exception as e:  # any import failure means the variant cannot run
+        return False, f"import torchao failed: {type(e).__name__}: {e}"
+    return True, f"torchao {getattr(torchao, '__version__', '?')}"
+
+
+def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: bool):
+    """(callable, layer module, info dict) for one variant. The callable is what is timed."""
+    info: dict = {}
+    fp8_opts = {"inner": "eager"} if smoke else {}  # Inductor on CPU compiles slowly
+    if key == "fp8_hand":
+        m = build(RoutedFlowMoE, dims, w13, w2, topw, topi, torch.bfloat16)
+        return m, m, info
+    m = build(RoutedMoE, dims, w13, w2, topw, topi, torch.bfloat16)
+    if key == "bf16_eager":
+        return m, m, info
+    torch._dynamo.reset()
+    if key == "bf16_compiled":
+        return torch.compile(m), m, info
+    if key in ("fp8_naive", "fp8flow"):
+        opts = {**fp8_opts, **({"flow": False} if key == "fp8_naive" else {})}
+        info["options"] = opts
+        ff.last_report().records.clear()
+        return torch.compile(m, backend=ff.fp8flow, options=opts), m, info
+    if key in ("torchao_fp8", "torchao_fp8_eager"):
+        ok, why = torchao_status()
+        if not ok:
+            raise Skip(why)
+        info["torchao"] = why
+        if any(n % 16 for n in loads):
+            raise RuntimeError("torchao fp8 rowwise needs every expert's token count to be a "
+                               "multiple of 16 (run with --align 16)")
+        info["torchao_api"] = torchao_convert(m)
+        return (torch.compile(m) if key == "torchao_fp8" else m), m, info
+    raise ValueError(f"unknown variant {key!r}")
+
+
+class Skip(Exception):
+    """A variant that cannot run here (recorded as skipped, not as an error)."""
+
+
+# ------------------------------------------------------------------------------- measurements
+
+
+def plain(t):
+    """The plain tensor inside a wrapper subclass (torchao keeps it in `_data`)."""
+    while t is not None and type(t) is not torch.Tensor and hasattr(t, "_data"):
+        t = t._data
+    return t
+
+
+def rel_err(a, b) -> float | None:
+    """||a - b|| / ||b|| in float64 accumulation, chunked so no full-size float64 copy of a
+    weight gradient is made."""
+    a, b = plain(a), plain(b)
+    if a is None or b is None:
+        return None
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    num = torch.zeros((), dtype=torch.float64, device=b.device)
+    den = torch.zeros((), dtype=torch.float64, device=b.device)
+    step = 1 << 26
+    for i in range(0, b.numel(), step):
+        bb = b[i:i + step].float()
+        num += (a[i:i + step].float() - bb).square().sum(dtype=torch.float64)
+        den += bb.square().sum(dtype=torch.float64)
+    return float(num.sqrt() / den.sqrt().clamp_min(1e-300))
+
+
+def _storages(t, out: dict) -> None:
+    """Collect (storage pointer -> bytes) of t, looking inside traceable wrapper subclasses."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        for n in names:
+            _storages(getattr(t, n), out)
+        return
+    try:
+        st = t.untyped_storage()
+        out[st.data_ptr()] = st.nbytes()
+    except Exception:  # a tensor without storage (e.g. a subclass we cannot open) counts 0
+        pass
+
+
+def saved_bytes_hooks(fn, exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages the forward saves for backward, through
+    `torch.autograd.graph.saved_tensors_hooks`, leaving out the storages of `exclude` (the
+    parameters and the input, which exist anyway). A compiled graph saves through its autograd
+    function, so the hook sees what the partitioner chose to keep."""
+    skip: dict = {}
+    for t in exclude:
+        _storages(t, skip)
+    seen: dict = {}
+
+    def pack(t):
+        _storages(t, seen)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(n for p, n in seen.items() if p not in skip)
+
+
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(step, clear, dev, warmup: int, reps: int) -> list[float]:
+    """Per-repetition milliseconds of step(): CUDA events on a GPU, wall clock on the CPU.
+    Gradients are set to None before each repetition, outside the timed region."""
+    for _ in range(warmup):
+        clear()
+        step()
+    sync(dev)
+    if dev.type != "cuda":
+        times = []
+        for _ in range(reps):
+            clear()
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    events = []
+    for _ in range(reps):
+        clear()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        step()
+        e.record()
+        events.append((s, e))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def gemm_flops(dims) -> float:
+    T, H, I, E, k = dims
+    P = T * k
+    return 3 * 2 * P * H * 2 * I + 3 * 2 * P * I * H
+
+
+@contextmanager
+def loop_grouped_mm():
+    """Replace `torch._grouped_mm` by a loop of per-expert matmuls (same math) for the float32
+    reference, where a torch build's grouped GEMM takes no float32 inputs."""
+    orig = torch._grouped_mm
+
+    def grouped(a, b, offs=None, **kw):
+        outs, start = [], 0
+        for e, end in enumerate(offs.tolist()):
+            outs.append(a[start:end] @ b[e])
+            start = end
+        return torch.cat(outs)
+
+    torch._grouped_mm = grouped
+    try:
+        yield
+    finally:
+        torch._grouped_mm = orig
+
+
+def fp32_reference(dims, w13, w2, topw, topi, x, dy) -> dict:
+    """Output and gradients of the float32 eager layer on the bf16 inputs upcast."""
+    ref = {}
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 in the reference
+    try:
+        for how in ("module", "loop"):
+            m = build(RoutedMoE, dims, w13, w2, topw, topi, torch.float32)
+            xr = x.detach().float().requires_grad_(True)
+            try:
+                if how == "module":
+                    out = m(xr)
+                    out.backward(dy.float())
+                else:
+                    with loop_grouped_mm():
+                        out = m(xr)
+                        out.backward(dy.float())
+                ref = {"out": out.detach(), "x": xr.grad, "w13": m.w13.grad, "w2": m.w2.grad,
+                       "how": how}
+                break
+            except Exception as e:
+                ref = {"error": f"{type(e).__name__}: {e}"}
+                log(f"  fp32 reference ({how}) failed: {ref['error'][:200]}")
+            finally:
+                del m, xr
+    finally:
+        torch.set_float32_matmul_precision(prec)
+    return ref
+
+
+def free(dev) -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) -> dict:
+    """Measure one variant; every failure becomes the row's `error`. The variant's model,
+    compiled code and gradients are freed before this returns."""
+    row: dict = {"variant": key, "name": VARIANTS[key]}
+    try:
+        _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev)
+    except Skip as e:
+        row["skipped"] = str(e)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+        row["traceback"] = traceback.format_exc(limit=-6)
+    free(dev)
+    return row
+
+
+def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) -> None:
+    fn, layer, info = make_variant(key, dims, w13, w2, topw, topi, loads, args.align,
+                                   args.smoke)
+    row.update(info)
+    xg = x.detach().requires_grad_(True)
+    params = [layer.w13, layer.w2]
+
+    def clear():
+        xg.grad = None
+        for p in params:
+            p.grad = None
+
+    def step():
+        fn(xg).backward(dy)
+
+    # First call: the compile for compiled variants (forward and backward graphs).
+    clear()
+    sync(dev)
+    t0 = time.perf_counter()
+    step()
+    sync(dev)
+    row["first_call_s"] = time.perf_counter() - t0
+    if key in ("fp8_naive", "fp8flow"):
+        try:
+            row["fp8flow_report"] = ff.last_report().summary()
+        except Exception as e:  # the report is informative only
+            row["fp8flow_report"] = f"unavailable: {type(e).__name__}: {e}"
+
+    # Numerics: one fresh forward + backward against the float32 reference.
+    clear()
+    out = fn(xg)
+    out.backward(dy)
+    if "error" not in ref:
+        row["err_out"] = rel_err(out, ref["out"])
+        row["err_dx"] = rel_err(xg.grad, ref["x"])
+        row["err_dw13"] = rel_err(params[0].grad, ref["w13"])
+        row["err_dw2"] = rel_err(params[1].grad, ref["w2"])
+    out_bytes = out.numel() * out.element_size()
+    del out
+
+    # Memory: peak of one step beyond what is allocated before it (grads included), and
+    # what the forward leaves allocated (saved activations) besides its output.
+    if dev.type == "cuda":
+        clear()
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        clear()
+        gc.collect()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        out = fn(xg)
+        torch.cuda.synchronize()
+        row["forward_live_bytes"] = torch.cuda.memory_allocated() - base - out_bytes
+        out.backward(dy)
+        del out
+    clear()
+    row["saved_bytes_hooks"] = saved_bytes_hooks(lambda: fn(xg), [xg, *layer.parameters()])
+
+    times = time_ms(step, clear, dev, args.warmup, args.reps)
+    row["ms_all"] = times
+    row["ms"] = statistics.median(times)
+    row["tflops"] = gemm_flops(dims) / (row["ms"] * 1e-3) / 1e12
+    clear()
+
+
+# -------------------------------------------------------------------------------------- output
+
+
+def env_info(dev) -> dict:
+    import triton
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else
+        f"CPU {platform.processor() or platform.machine()}",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+        "fresh_compile_cache": _FRESH_CACHE,
+    }
+    ok, why = torchao_status()
+    info["torchao"] = why if ok else None
+    if dev.type == "cuda":
+        info["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def short(err: str, n: int = 110) -> str:
+    """The exception type and its first non-empty message line (torch's often start blank)."""
+    kind, _, msg = err.partition(": ")
+    first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+    return f"{kind}: {first}"[:n]
+
+
+def fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def mib(v) -> str:
+    if v is None:
+        return "-"
+    v = v / MIB
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+
+def print_tables(rows: list[dict], shapes: dict, order: list[str]) -> None:
+    cols = (f"{'routing':<9} {'variant':<20} {'ms':>9} {'TFLOP/s':>8} {'speedup':>7} "
+            f"{'peak MiB':>9} {'saved MiB':>9} {'live MiB':>9} {'1st call s':>10} "
+            f"{'err out':>8} {'err dx':>8} {'err dw13':>8} {'err dw2':>8}")
+    for shape, dims in shapes.items():
+        srows = [r for r in rows if r["shape"] == shape]
+        if not srows:
+            continue
+        T, H, I, E, k = dims
+        log()
+        log(f"== {shape}: T={T} H={H} I={I} E={E} top-{k}  P={T * k}  "
+            f"{gemm_flops(dims) / 1e12:.3f} TFLOP of expert GEMMs per fwd+bwd ==")
+        log(cols)
+        for routing in ROUTINGS:
+            rrows = {r["variant"]: r for r in srows if r["routing"] == routing}
+            for key in order:
+                r = rrows.get(key)
+                if r is None:
+                    continue
+                head = f"{routing:<9} {r['name']:<20} "
+                if "skipped" in r:
+                    log(head + f"skipped: {r['skipped']}")
+                    continue
+                line = (head + f"{fmt(r.get('ms'), '9.3f'):>9} {fmt(r.get('tflops'), '8.1f'):>8} "
+                        f"{fmt(r.get('speedup'), '6.2f') + 'x' if r.get('speedup') else '-':>7} "
+                        f"{mib(r.get('peak_bytes')):>9} {mib(r.get('saved_bytes_hooks')):>9} "
+                        f"{mib(r.get('forward_live_bytes')):>9} "
+                        f"{fmt(r.get('first_call_s'), '10.1f'):>10} "
+                        f"{fmt(r.get('err_out'), '8.1e'):>8} {fmt(r.get('err_dx'), '8.1e'):>8} "
+                        f"{fmt(r.get('err_dw13'), '8.1e'):>8} {fmt(r.get('err_dw2'), '8.1e'):>8}")
+                if "error" in r:
+                    line = head + "ERROR " + short(r["error"])
+                log(line)
+    log()
+    log("ms: median fwd+bwd; TFLOP/s: the 6 expert GEMMs only; speedup: vs bf16 compiled; "
+        "peak: max allocated during one fwd+bwd minus allocated before (weight/input grads "
+        "included); saved: distinct storages packed for backward (saved_tensors_hooks), "
+        "parameters and input excluded; live: allocated after forward minus before, minus the "
+        "output (GPU only); 1st call: wall time of the first fwd+bwd (the compile); err: "
+        "||a-b||/||b|| vs float32 eager.")
+
+
+def plot(rows: list[dict], order: list[str], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        log(f"chart skipped: matplotlib not importable ({type(e).__name__}: {e})")
+        return
+    groups = []
+    for r in rows:
+        g = f"{r['shape']}\n{r['routing']}"
+        if g not in groups:
+            groups.append(g)
+    keys = [k for k in order if any(r["variant"] == k and r.get("speedup") for r in rows)]
+    if not groups or not keys:
+        log("chart skipped: no speedups to draw")
+        return
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(groups) + 4), 4.5))
+    for j, key in enumerate(keys):
+        xs, ys = [], []
+        for i, g in enumerate(groups):
+            r = next((r for r in rows if f"{r['shape']}\n{r['routing']}" == g
+                      and r["variant"] == key), None)
+            if r is not None and r.get("speedup"):
+                xs.append(i + (j - (len(keys) - 1) / 2) * width)
+                ys.append(r["speedup"])
+        bars = ax.bar(xs, ys, width, label=VARIANTS[key])
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90, padding=2)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("speedup vs bf16 compiled (fwd+bwd)")
+    ax.set_title("MoE layer forward + backward")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    log(f"chart: {path}")
+
+
+def to_json(row: dict) -> str:
+    return json.dumps(row, default=str)
+
+
+# -------------------------------------------------------------------------------------- driver
+
+
+def setup_case(shape, dims, routing, args, dev, seed):
+    T, H, I, E, k = dims
+    topw, topi, loads = make_routing(routing, T, E, k, args.align, seed, dev)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=g, device=dev, dtype=torch.bfloat16) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=g, device=dev, dtype=torch.bfloat16) * I ** -0.5
+    x = torch.randn(T, H, generator=g, device=dev, dtype=torch.bfloat16)
+    dy = torch.randn(T, H, generator=g, device=dev, dtype=torch.bfloat16)
+    return topw, topi, loads, w13, w2, x, dy
+
+
+def profile(args, shapes, dev) -> None:
+    key = args.profile
+    for shape, dims in shapes.items():
+        for routing in args.routings:
+            topw, topi, loads, w13, w2, x, dy = setup_case(shape, dims, routing, args, dev,
+                                                           args.seed)
+            log(f"\n== profile {VARIANTS[key]} {shape} {routing} ==")
+            fn = layer = None
+            try:
+                fn, layer, _ = make_variant(key, dims, w13, w2, topw, topi, loads, args.align,
+                                            args.smoke)
+                xg = x.detach().requires_grad_(True)
+                for _ in range(2):  # compile and warm up
+                    fn(xg).backward(dy)
+                sync(dev)
+                acts = [torch.profiler.ProfilerActivity.CUDA if dev.type == "cuda"
+                        else torch.profiler.ProfilerActivity.CPU]
+                with torch.profiler.profile(activities=acts) as prof:
+                    for _ in range(3):
+                        xg.grad = None
+                        layer.w13.grad = layer.w2.grad = None
+                        fn(xg).backward(dy)
+                    sync(dev)
+                sort = "device_time_total" if dev.type == "cuda" else "cpu_time_total"
+                log(prof.key_averages().table(sort_by=sort, row_limit=25,
+                                              max_name_column_width=70))
+                trace = os.path.join(args.out, f"profile_{key}_{shape}_{routing}.json")
+                prof.export_chrome_trace(trace)
+                log(f"chrome trace: {trace}")
+            except Skip as e:
+                log(f"skipped: {e}")
+            except Exception as e:
+                log(f"ERROR {type(e).__name__}: {e}")
+                traceback.print_exc(limit=-6)
+            finally:
+                del fn, layer
+                free(dev)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
+    p.add_argument("--routings", default=",".join(ROUTINGS), help="comma list: balanced, skewed")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma list of " + ", ".join(VARIANTS))
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; "
+                   "smoke 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed repetitions after the first "
+                   "call (default 5; smoke 0)")
+    p.add_argument("--align", type=int, default=16, help="expert loads are multiples of this "
+                   "(torchao's FP8 grouped GEMM needs 16; 1 for unaligned skewed loads)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench-out", help="folder for the JSON lines and the chart")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, 1-2 repetitions")
+    p.add_argument("--report", nargs="+", metavar="JSONL",
+                   help="no benchmark: print the tables and draw one chart from the rows of "
+                   "earlier runs (e.g. one run per shape)")
+    p.add_argument("--profile", metavar="VARIANT", choices=list(VARIANTS),
+                   help="profile 3 steps of one variant per shape/routing and print the top-25 "
+                   "kernels instead of benchmarking")
+    args = p.parse_args(argv)
+
+    def split(s, known, what):
+        items = [v.strip() for v in s.split(",") if v.strip()]
+        bad = [v for v in items if v not in known]
+        if bad:
+            p.error(f"unknown {what} {bad}; known: {list(known)}")
+        return items
+
+    args.shapes = split(args.shapes, SHAPES, "shapes")
+    args.routings = split(args.routings, ROUTINGS, "routings")
+    args.variants = [v for v in VARIANTS if v in split(args.variants, VARIANTS, "variants")]
+    args.reps = args.reps or (1 if args.smoke else 20)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 5)
+    return args
+
+
+def report(paths: list[str], out: str) -> None:
+    """Tables and one chart from the JSON lines of earlier runs (later rows win)."""
+    rows: dict = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("kind") == "row" and r.get("variant") in VARIANTS:
+                    rows[(r["shape"], tuple(r["dims"]), r["routing"], r["variant"])] = r
+    # A shape name measured at different sizes (a smoke run beside a full one) stays apart.
+    sizes: dict = {}
+    for name, dims, _, _ in rows:
+        sizes.setdefault(name, set()).add(dims)
+    for (name, dims, routing, _), r in rows.items():
+        r["shape"] = name if len(sizes[name]) == 1 else f"{name}{list(dims)}"
+        base = rows.get((name, dims, routing, BASELINE), {}).get("ms")
+        r["speedup"] = base / r["ms"] if base and r.get("ms") else None
+    shapes = {r["shape"]: tuple(r["dims"]) for r in rows.values()}
+    order = list(VARIANTS)
+    print_tables(list(rows.values()), shapes, order)
+    os.makedirs(out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    plot(list(rows.values()), order, os.path.join(out, f"moe_layer_report_{stamp}.png"))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.report:
+        report(args.report, args.out)
+        return
+    dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if dev.type == "cpu" and not args.smoke:
+        log("no CUDA device: timings below are CPU wall clock, memory columns are empty")
+    torch._inductor.config.fx_graph_cache = False  # compile times without the FX graph cache
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = {s: (SMOKE_SHAPES if args.smoke else SHAPES)[s] for s in args.shapes}
+    os.makedirs(args.out, exist_ok=True)
+    env = env_info(dev)
+    log("MoE layer fwd+bwd benchmark" + (" (smoke: tiny shapes on CPU)" if args.smoke else ""))
+    for k, v in env.items():
+        log(f"  {k}: {v}")
+    if any(v.startswith("torchao") for v in args.variants) and env["torchao"] is None:
+        log(f"  torchao fp8 rowwise will be skipped: {torchao_status()[1]}")
+    if args.profile:
+        profile(args, shapes, dev)
+        return
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    jpath = os.path.join(args.out, f"moe_layer_{stamp}.jsonl")
+    rows: list[dict] = []
+    # The baseline first, so every row's speedup is known when the row is written.
+    run_order = sorted(args.variants, key=lambda v: v != BASELINE)
+    with open(jpath, "w") as jf:
+        jf.write(to_json({"kind": "env", **env, "args": vars(args)}) + "\n")
+        jf.flush()
+        for shape, dims in shapes.items():
+            T, H, I, E, k = dims
+            for routing in args.routings:
+                log(f"\n--- {shape} T={T} H={H} I={I} E={E} top-{k}, {routing} routing ---")
+                case = None
+                try:
+                    case = setup_case(shape, dims, routing, args, dev, args.seed)
+                except Exception as e:
+                    log(f"  setup failed: {type(e).__name__}: {e}")
+                    row = {"kind": "row", "shape": shape, "routing": routing, "variant": "-",
+                           "name": "setup", "error": f"{type(e).__name__}: {e}"}
+                    jf.write(to_json(row) + "\n")
+                    jf.flush()
+                    free(dev)
+                    continue
+                topw, topi, loads, w13, w2, x, dy = case
+                del case
+                nz = [n for n in loads if n]
+                log(f"  expert loads: max {max(loads)} min {min(loads)} mean {T * k / E:.0f}, "
+                    f"{E - len(nz)} empty; max/mean {max(loads) / (T * k / E):.2f}")
+                t0 = time.perf_counter()
+                ref = fp32_reference(dims, w13, w2, topw, topi, x, dy)
+                free(dev)
+                log(f"  fp32 reference: {ref.get('how', 'failed')} "
+                    f"({time.perf_counter() - t0:.1f} s)")
+                base_ms = None
+                for key in run_order:
+                    row = run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args,
+                                      dev)
+                    row = {"kind": "row", "shape": shape, "routing": routing, "dims": dims,
+                           "loads": loads, "align": args.align, "ref": ref.get("how"), **row}
+                    if key == BASELINE and row.get("ms"):
+                        base_ms = row["ms"]
+                    if base_ms and row.get("ms"):
+                        row["speedup"] = base_ms / row["ms"]
+                    rows.append(row)
+                    jf.write(to_json(row) + "\n")
+                    jf.flush()
+                    if "error" in row:
+                        log(f"  {row['name']:<20} ERROR {short(row['error'], 300)}")
+                        log("    " + row["traceback"].strip()[-1500:].replace("\n", "\n    "))
+                    elif "skipped" in row:
+                        log(f"  {row['name']:<20} skipped: {row['skipped']}")
+                    else:
+                        log(f"  {row['name']:<20} {row['ms']:9.3f} ms "
+                            f"{row['tflops']:7.1f} TFLOP/s  first call {row['first_call_s']:.1f} s"
+                            f"  err out {fmt(row.get('err_out'), '.1e')}"
+                            f" dw13 {fmt(row.get('err_dw13'), '.1e')}")
+                del topw, topi, w13, w2, x, dy, ref
+                free(dev)
+    print_tables(rows, shapes, args.variants)
+    log(f"rows: {jpath}")
+    plot(rows, args.variants, os.path.join(args.out, f"moe_layer_{stamp}.png"))
+
+
+if __name__ == "__main__":
+    main()
