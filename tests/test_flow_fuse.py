@@ -91,6 +91,11 @@ def test_every_swiglu_spelling_reaches_two_casts(act, weight_before_down):
     assert s["casts_before"] == 8 and s["casts_after"] == 2, str(rep)
     log = "\n".join(line for r in rep.records for line in r.log)
     assert "-> swiglu_quant" in log and "-> swiglu_quant_backward" in log
+    if weight_before_down:
+        # The combine is a plain gather-sum now, so its gradient is a row gather of the output
+        # gradient: quantized once in token order [T, H] and permuted in FP8, as in the paper.
+        bwd = rep.records[-1].casts_after["backward"]
+        assert bwd.get("permute_pad_fp8") == 1, str(rep)
 
 
 @pytest.mark.parametrize("act", ["clamped", "gelu"])

@@ -1,7 +1,8 @@
 """Flow rewrite "hoist": quantize before data movement, so tokens move in FP8.
 
 Expects: a graph with fp8flow quantize nodes. Guarantees: `quantize_1x128(index(s, [idx]))` (a
-row gather of a 2-D tensor, as the MoE token permutation is) becomes
+row gather of a 2-D tensor, as the MoE token permutation and the gradient of a combine that
+gathers are; seen through same-shape views, expands and clones) becomes
 `permute_pad_fp8(quantize_1x128(s), idx)`: the rows and their scales move together, which is
 exact because 1x128 tiles along the last dim never mix rows. The quantization of `s` is shared
 with any other user of it (dedupe runs after).
@@ -21,7 +22,17 @@ prims = torch.ops.prims
 ops = torch.ops.fp8flow
 
 
+_SAME = {aten.expand.default, aten.view.default, aten._unsafe_view.default, aten.alias.default,
+         aten.clone.default, aten.reshape.default}
+
+
 def _row_gather(x: fx.Node):
+    # Ops that keep the shape and the element order (a no-op expand, a same-shape view, a clone)
+    # between the gather and the quantization move along: quantize(expand(x[idx])) is
+    # quantize(x[idx]), as autograd writes the gradient of a gather.
+    while (x.op == "call_function" and x.target in _SAME
+           and tuple(val(x).shape) == tuple(val(x.args[0]).shape)):
+        x = x.args[0]
     if x.op != "call_function" or x.target is not aten.index.Tensor:
         return None
     src, idx = x.args

@@ -1,0 +1,142 @@
+"""Each pass on its own, on the small joint graphs of a MoE layer and an MLP.
+
+The joint graph and the pass context are captured as the backend hands them to the passes;
+each test then runs the passes up to the one under test on a copy and checks what that pass
+guarantees in its docstring.
+"""
+
+import copy
+import dataclasses
+import operator
+
+import pytest
+import torch
+
+from examples.moe import MoE
+from fp8flow_compile import passes
+from fp8flow_compile.passes import (count, dedupe, find_gemms, flow_fuse, flow_hoist,
+                                    flow_reuse, insert_qdq)
+from test_backend import MLP, compiled
+
+ops = torch.ops.fp8flow
+aten = torch.ops.aten
+
+
+def capture(model, x, monkeypatch):
+    """(joint graph, ctx) of every graph the backend compiles, before any pass runs."""
+    got = []
+    real = passes.run_joint
+
+    def spy(gm, ctx):
+        got.append((copy.deepcopy(gm), copy.deepcopy(ctx)))
+        return real(gm, ctx)
+
+    monkeypatch.setattr(passes, "run_joint", spy)
+    compiled(model, inner="eager")(x.clone().requires_grad_(True)).float().sum().backward()
+    return got
+
+
+@pytest.fixture
+def moe_joint(monkeypatch):
+    torch.manual_seed(0)
+    got = capture(MoE(256, 128, 4, 2), torch.randn(48, 256, dtype=torch.bfloat16), monkeypatch)
+    # The layer breaks at bincount: the router graph, then the experts graph.
+    return next((gm, ctx) for gm, ctx in got if any(
+        n.target is aten._grouped_mm.default for n in gm.graph.nodes))
+
+
+def upto(gm, ctx, *stages):
+    # The decisions in ctx.gemms point at nodes of the graph they were made on: start afresh.
+    gm, ctx = copy.deepcopy(gm), dataclasses.replace(ctx, gemms=[], log=[])
+    for p in stages:
+        p.run(gm, ctx)
+    gm.graph.lint()
+    return gm, ctx
+
+
+def targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_find_gemms_classifies_every_gemm_and_leaves_the_graph(moe_joint):
+    gm, ctx = moe_joint
+    before = targets(gm)
+    gm, ctx = upto(gm, ctx, find_gemms)
+    assert targets(gm) == before  # decisions only
+    kinds = sorted((g.phase, g.kind) for g in ctx.gemms)
+    assert kinds == [("backward", "grouped"), ("backward", "grouped"),
+                     ("backward", "grouped_wgrad"), ("backward", "grouped_wgrad"),
+                     ("forward", "grouped"), ("forward", "grouped")]
+    assert all(g.fp8 for g in ctx.gemms)
+    # wgrads know their weight through the gradient outputs; fprop/dgrad read it as B
+    assert sorted(g.weight for g in ctx.gemms) == ["w13"] * 3 + ["w2"] * 3
+    assert sum(g.b_is_weight for g in ctx.gemms) == 4
+
+
+def test_find_gemms_router_and_shape_reasons(monkeypatch):
+    torch.manual_seed(0)
+    got = capture(MoE(256, 128, 4, 2), torch.randn(48, 256, dtype=torch.bfloat16), monkeypatch)
+    router = got[0]
+    gm, ctx = upto(*router, find_gemms)
+    assert ctx.gemms and all(not g.fp8 and "router" in g.reason for g in ctx.gemms)
+    got = capture(MLP(d=200, h=96), torch.randn(16, 200, dtype=torch.bfloat16), monkeypatch)
+    gm, ctx = upto(*got[0], find_gemms)
+    reasons = [g.reason for g in ctx.gemms if not g.fp8]
+    assert any("contracted dim 200 is not a multiple of 128" in r for r in reasons)
+
+
+def test_insert_qdq_feeds_every_fp8_gemm_quantized_operands(moe_joint):
+    gm, ctx = upto(*moe_joint, find_gemms, insert_qdq)
+    assert not any(t is aten._grouped_mm.default for t in targets(gm))
+    quant = {ops.quantize_1x128.default, ops.quantize_1x128_col.default,
+             ops.quantize_128x128_dual.default}
+    for n in gm.graph.nodes:
+        if n.target in (ops.grouped_gemm_fp8.default, ops.grouped_gemm_fp8_wgrad.default):
+            for arg in (n.args[0], n.args[2]):  # data operands: getitem of a quantize op
+                assert arg.target is operator.getitem and arg.args[0].target in quant
+    c = count.casts(gm)
+    # before dedupe every GEMM quantizes its own operands: each weight twice (fprop, dgrad)
+    assert c["act"] == 8 and c["weight"] == 4
+
+
+def test_dedupe_leaves_one_quantization_per_tensor_and_axis(moe_joint):
+    gm, ctx = upto(*moe_joint, find_gemms, insert_qdq, dedupe)
+    keys = [(n.target, n.args) for n in gm.graph.nodes
+            if getattr(n.target, "namespace", None) == "fp8flow" and "quantize" in str(n.target)]
+    assert len(keys) == len(set(keys))
+    assert count.casts(gm) == {"act": 8, "weight": 2, "grouped_gemm_fp8": 4,
+                               "grouped_gemm_fp8_wgrad": 2}
+
+
+def test_reuse_replaces_every_column_quantization_by_a_transpose(moe_joint):
+    gm, ctx = upto(*moe_joint, find_gemms, insert_qdq, dedupe, flow_reuse)
+    t = targets(gm)
+    assert ops.quantize_1x128_col.default not in t
+    assert t.count(ops.scaling_aware_transpose.default) == 4
+    for n in gm.graph.nodes:  # each transpose reads a row-wise form made from the same tensor
+        if n.target is ops.scaling_aware_transpose.default:
+            assert n.args[0].args[0].target is ops.quantize_1x128.default
+
+
+def test_hoist_moves_the_token_gather_into_fp8(moe_joint):
+    gm, ctx = upto(*moe_joint, find_gemms, insert_qdq, dedupe, flow_reuse, flow_hoist)
+    perm = [n for n in gm.graph.nodes if n.target is ops.permute_pad_fp8.default]
+    assert len(perm) == 1
+    q = perm[0].args[0].args[0]  # getitem -> quantize of the ungathered input
+    assert q.target is ops.quantize_1x128.default and q.args[0].op == "placeholder"
+    for n in gm.graph.nodes:  # no quantization of a gathered tensor is left
+        if n.target is ops.quantize_1x128.default:
+            assert n.args[0].target is not aten.index.Tensor
+
+
+def test_fuse_needs_a_swiglu_and_leaves_other_graphs_alone(moe_joint, monkeypatch):
+    gm, ctx = upto(*moe_joint, find_gemms, insert_qdq, dedupe, flow_reuse, flow_hoist)
+    fused, _ = upto(gm, ctx, flow_fuse)  # flow_fuse reads the graph only, not ctx.gemms
+    t = targets(fused)
+    assert t.count(ops.swiglu_quant.default) == 1
+    assert t.count(ops.swiglu_quant_backward.default) == 1
+    assert count.casts(fused)["act"] == 2
+    got = capture(MLP(), torch.randn(16, 256, dtype=torch.bfloat16), monkeypatch)
+    mlp, mctx = upto(*got[0], find_gemms, insert_qdq, dedupe, flow_reuse, flow_hoist)
+    again, _ = upto(mlp, mctx, flow_fuse)
+    assert targets(again) == targets(mlp)  # GELU MLP: nothing to fuse
