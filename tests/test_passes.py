@@ -11,12 +11,19 @@ import operator
 
 import pytest
 import torch
+from test_backend import MLP, compiled
 
 from examples.moe import MoE
 from fp8flow_compile import passes
-from fp8flow_compile.passes import (count, dedupe, find_gemms, flow_fuse, flow_hoist,
-                                    flow_reuse, insert_qdq)
-from test_backend import MLP, compiled
+from fp8flow_compile.passes import (
+    count,
+    dedupe,
+    find_gemms,
+    flow_fuse,
+    flow_hoist,
+    flow_reuse,
+    insert_qdq,
+)
 
 ops = torch.ops.fp8flow
 aten = torch.ops.aten
