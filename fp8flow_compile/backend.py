@@ -147,7 +147,7 @@ def fp8flow(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None 
         _LAST.records.append(GraphRecord(graph_name, gemms, rec["casts_naive"],
                                          rec["casts_after"], saved,
                                          {k: rec[k] for k in ("before", "naive", "after")},
-                                         ctx.log))
+                                         ctx.log, rec["casts_by_module"]))
         _trace(graph_name, rec)
 
     if inner == "eager":

@@ -21,6 +21,9 @@ class GraphRecord:
     saved_bytes: dict  # {"bf16_baseline": {...}, "fp8flow": {...}} by dtype group
     graphs: dict[str, fx.GraphModule]
     log: list[str]
+    # Activation/gradient casts after the flow, per module that owns the GEMM weights they
+    # feed: {"model.layers.0.self_attn": {"forward": 1, "backward": 3}, ...}
+    casts_by_module: dict = dataclasses.field(default_factory=dict)
 
 
 def _act(c: dict) -> int:
@@ -77,6 +80,9 @@ class Report:
                 out.append(f"   {phase:<8} activation/gradient casts {a.get('act', 0)} -> "
                            f"{b.get('act', 0)}   weight casts {b.get('weight', 0)}   "
                            f"fp8 ops {_ops(b)}")
+            if len(r.casts_by_module) > 1:
+                out.append("   casts after the flow by module (forward/backward): " + ", ".join(
+                    f"{m} {c['forward']}/{c['backward']}" for m, c in r.casts_by_module.items()))
             sb = r.saved_bytes
             if sb:
                 out.append(f"   activations saved for backward: {_fmt(sb.get('fp8flow', {}))} "

@@ -243,6 +243,21 @@ def test_casts_fall_and_fp8_is_saved(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_casts_are_reported_per_module(name):
+    by_module = result(name).report.records[0].casts_by_module
+    experts = [m for m in by_module if m.endswith("mlp.experts")]
+    assert experts == ["model.layers.0.mlp.experts"], by_module
+    if name != "gpt_oss":
+        # The routed experts reach the paper's two casts: the input in forward (gathered in
+        # FP8), the output gradient in backward; the SwiGLU's are fused away.
+        assert by_module[experts[0]] == {"forward": 1, "backward": 1}
+    # q, k and v read one quantization of their shared input, charged to their parent module.
+    assert by_module.get("model.layers.0.self_attn", {}).get("forward") == 1
+    assert sum(c["forward"] + c["backward"] for c in by_module.values()) == \
+        result(name).report.summary()["casts_after"]
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_swiglu_fused_only_where_it_is_plain_swiglu(name):
     # Mixtral, Qwen3-MoE, OLMoE and DeepSeek-V3 gate with silu(gate) * up on the two halves of
     # the gate_up output, which swiglu_quant computes. GPT-OSS clamps gate and up, scales the

@@ -35,4 +35,5 @@ def run_joint(gm: fx.GraphModule, ctx: Ctx) -> dict:
             p.run(gm, ctx)
     record["after"] = gm
     record["casts_after"] = _phase_counts(gm)
+    record["casts_by_module"] = count.by_module(gm, ctx.gemms)
     return record

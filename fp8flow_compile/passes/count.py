@@ -32,3 +32,43 @@ def casts(gm: fx.GraphModule, nodes: set | None = None) -> dict[str, int]:
         elif getattr(n.target, "namespace", None) == "fp8flow":
             c[n.target._opname] += 1
     return dict(c)
+
+
+_PASS_THROUGH = {"getitem", "scaling_aware_transpose", "permute_pad_fp8", "permute", "t",
+                 "transpose", "view", "clone", "alias"}
+
+
+def by_module(gm: fx.GraphModule, gemms: list) -> dict[str, dict[str, int]]:
+    """Activation/gradient casts per module: each cast is charged to the module that owns the
+    weight of the GEMMs it feeds (their common parent when it feeds several, e.g. q/k/v), per
+    phase. `gemms` are find_gemms' decisions (their nodes are the rewritten GEMMs)."""
+    from .graph import backward_nodes
+    owner = {g.node: g.weight.rsplit(".", 1)[0] if "." in g.weight else g.weight
+             for g in gemms if g.weight}
+    bwd = backward_nodes(gm)
+    out: dict[str, dict[str, int]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in ACT:
+            continue
+        mods, stack, seen = set(), [n], set()
+        while stack:
+            m = stack.pop()
+            for u in m.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u in owner:
+                    mods.add(owner[u])
+                elif getattr(u.target, "_opname", getattr(u.target, "__name__", "")) in \
+                        _PASS_THROUGH:
+                    stack.append(u)
+        parts = [m.split(".") for m in sorted(mods)]
+        common = []
+        for level in zip(*parts):
+            if len(set(level)) > 1:
+                break
+            common.append(level[0])
+        name = ".".join(common) or ("(several)" if mods else "(no GEMM)")
+        phase = "backward" if n in bwd else "forward"
+        out.setdefault(name, {"forward": 0, "backward": 0})[phase] += 1
+    return dict(sorted(out.items()))
