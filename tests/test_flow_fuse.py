@@ -175,3 +175,59 @@ def test_no_new_graph_breaks_against_a_plain_backend():
     compiled(bf, inner="eager")(x)
     assert len(ff.last_report().records) == plain.graph_count
     assert plain.graph_break_count == plain.graph_count - 1
+
+
+class CatLinear(torch.nn.Module):
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__()
+        self.lin = torch.nn.Linear(256, 256, bias=False, dtype=dtype)
+
+    def forward(self, a, b):
+        return self.lin(torch.cat([a, b], 0))
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_hoist_above_a_row_concatenation(inner):
+    torch.manual_seed(0)
+    ref = CatLinear(torch.float32)
+    m = CatLinear()
+    m.load_state_dict({k: v.bfloat16() for k, v in ref.state_dict().items()})
+    a, b = torch.randn(40, 256), torch.randn(24, 256)
+    want = ref(a, b)
+    got = compiled(m, inner=inner)(a.bfloat16(), b.bfloat16())
+    log = [line for r in ff.last_report().records for line in r.log]
+    assert any("row concatenation" in line for line in log), log
+    assert rel(got, want) < FP8_REL
+
+
+class GatherMoE(Spelled):
+    """The token gather written as index_select, or as indexing with negative indices (which
+    torch wraps, and which the FP8 gather must not read as padding rows)."""
+
+    def __init__(self, gather, **kw):
+        super().__init__("chunk", **kw)
+        self.gather = gather
+
+    def forward(self, x):
+        topw, topi = self.route(x)
+        flat = topi.flatten()
+        order = flat.argsort(stable=True)
+        token = order // self.top_k
+        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        xs = x.index_select(0, token) if self.gather == "index_select" else x[token - x.shape[0]]
+        h = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs)
+        y = torch._grouped_mm(self.swiglu(h), self.w2.transpose(-2, -1), offs=offs)
+        y = y * topw.flatten()[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+
+@pytest.mark.parametrize("gather", ["index_select", "negative_index"])
+def test_hoist_above_other_row_gathers(gather):
+    torch.manual_seed(0)
+    ref = GatherMoE(gather, dtype=torch.float32)
+    bf = GatherMoE(gather)
+    bf.load_state_dict({n: p.bfloat16() for n, p in ref.state_dict().items()})
+    x, gy = torch.randn(40, H), torch.randn(40, H)
+    rep = _check_numerics(ref, bf, x, gy)
+    assert any("row gather" in line for r in rep.records for line in r.log)
+    assert rep.summary()["casts_after"] == 2

@@ -4,8 +4,10 @@ Expects: a graph with fp8flow quantize nodes. Guarantees: `quantize_1x128(index(
 row gather of a 2-D tensor, as the MoE token permutation and the gradient of a combine that
 gathers are; seen through same-shape views, expands and clones) becomes
 `permute_pad_fp8(quantize_1x128(s), idx)`: the rows and their scales move together, which is
-exact because 1x128 tiles along the last dim never mix rows. The quantization of `s` is shared
-with any other user of it (dedupe runs after).
+exact because 1x128 tiles along the last dim never mix rows (`index_select` along rows counts as
+such a gather). Likewise `quantize_1x128(cat([a, b], 0))` becomes the concatenation of the
+quantized parts (bytes and scales). The quantization of `s` is shared with any other user of it
+(dedupe runs after).
 """
 
 from __future__ import annotations
@@ -33,41 +35,84 @@ def _row_gather(x: fx.Node):
     while (x.op == "call_function" and x.target in _SAME
            and tuple(val(x).shape) == tuple(val(x.args[0]).shape)):
         x = x.args[0]
-    if x.op != "call_function" or x.target is not aten.index.Tensor:
+    if x.op != "call_function":
         return None
-    src, idx = x.args
-    if len(idx) != 1 or idx[0] is None or val(src).dim() != 2 or val(idx[0]).dim() != 1:
+    if x.target is aten.index.Tensor:
+        src, idx = x.args
+        if len(idx) != 1 or idx[0] is None:
+            return None
+        idx = idx[0]
+    elif x.target is aten.index_select.default and x.args[1] in (0, -2):
+        src, idx = x.args[0], x.args[2]
+    else:
         return None
-    if val(idx[0]).dtype not in (torch.int64, torch.int32):
+    if val(src).dim() != 2 or val(idx).dim() != 1:
         return None
-    return src, idx[0]
+    if val(idx).dtype not in (torch.int64, torch.int32):
+        return None
+    return src, idx
+
+
+def _row_cat(x: fx.Node):
+    """The parts of cat([a, b, ...], dim=0) of 2-D tensors, or None."""
+    if x.op != "call_function" or x.target is not aten.cat.default:
+        return None
+    parts = x.args[0]
+    dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", 0)
+    if dim not in (0, -2) or len(parts) < 2:
+        return None
+    if any(val(p).dim() != 2 or not val(p).is_contiguous() for p in parts):
+        return None
+    return list(parts)
+
+
+def _replace_outputs(gm: fx.GraphModule, n: fx.Node, q: fx.Node, s: fx.Node) -> None:
+    for u in list(n.users):
+        if u.target is operator.getitem:
+            u.replace_all_uses_with(q if u.args[1] == 0 else s)
+            gm.graph.erase_node(u)
+    gm.graph.erase_node(n)
+
+
+def _quant(gm: fx.GraphModule, x: fx.Node):
+    q, s = call_multi(gm, ops.quantize_1x128.default, (x, None), 2, name=f"q_{x.name}")
+    q.args[0].meta["fp8flow"] = {"role": "act", "src": x}
+    return q, s
 
 
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     for n in list(gm.graph.nodes):
         if n.target is not ops.quantize_1x128.default or (len(n.args) > 1 and n.args[1]):
             continue
+        moved = n.args[0].name
+        parts = _row_cat(n.args[0])
+        if parts is not None:
+            # 1x128 tiles never mix rows: quantize each part, concatenate bytes and scales.
+            with gm.graph.inserting_before(n):
+                qs = [_quant(gm, p) for p in parts]
+                q = call(gm, aten.cat.default, ([a for a, _ in qs], 0))
+                sc = call(gm, aten.cat.default, ([b for _, b in qs], 0))
+            _replace_outputs(gm, n, q, sc)
+            ctx.log.append(f"hoist: quantization of {moved} moved above the row concatenation "
+                           f"of {', '.join(p.name for p in parts)}")
+            continue
         g = _row_gather(n.args[0])
         if g is None:
             continue
         src, idx = g
-        gathered = n.args[0].name
         if not val(src).is_contiguous():
             continue
         with gm.graph.inserting_before(n):
-            sq, ss = call_multi(gm, ops.quantize_1x128.default, (src, None), 2,
-                                name=f"q_{src.name}")
-            sq.args[0].meta["fp8flow"] = {"role": "act", "src": src}
-            idx32 = idx if val(idx).dtype == torch.int32 else call(
-                gm, prims.convert_element_type.default, (idx, torch.int32))
+            sq, ss = _quant(gm, src)
+            # permute_pad_fp8 reads a negative index as a padding row; torch wraps it.
+            rows = val(src).shape[0]
+            wrapped = call(gm, aten.where.self, (
+                call(gm, aten.lt.Scalar, (idx, 0)), call(gm, aten.add.Tensor, (idx, rows)), idx))
+            idx32 = call(gm, prims.convert_element_type.default, (wrapped, torch.int32))
             pq, ps = call_multi(gm, ops.permute_pad_fp8.default, (sq, ss, idx32), 2,
                                 name=f"perm_{src.name}")
-        for u in list(n.users):
-            if u.target is operator.getitem:
-                u.replace_all_uses_with(pq if u.args[1] == 0 else ps)
-                gm.graph.erase_node(u)
-        gm.graph.erase_node(n)
-        ctx.log.append(f"hoist: quantization of {gathered} moved above the row gather "
+        _replace_outputs(gm, n, pq, ps)
+        ctx.log.append(f"hoist: quantization of {moved} moved above the row gather "
                        f"of {src.name}")
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
