@@ -8,7 +8,10 @@ read the row-wise forms this pass replaces). Guarantees:
   the SwiGLU output, one rounding from fp32 straight to E4M3;
 - backward: `quantize_1x128(cat([d_gate, d_up], -1))` where (d_gate, d_up) is the SwiGLU
   gradient of that h for an upstream gradient dA [P, I] becomes
-  `swiglu_quant_backward(dA, h, probs)`.
+  `swiglu_quant_backward(dA, h, probs)`;
+- a column-wise quantization of either (left where no GEMM needs the row-wise form, e.g. the
+  FC1 wgrad when the input needs no gradient) becomes the scaling-aware transpose of the fused
+  op's row-wise output.
 
 How a SwiGLU is recognised: the quantized tensor's expression is followed back through
 elementwise ops (whatever the decomposition made of silu: `x / (1 + exp(-x))`, `x * sigmoid(x)`,
@@ -333,11 +336,21 @@ def _tiled(h: fx.Node) -> str | None:
     return None
 
 
+def _transposed(gm: fx.GraphModule, qs: list[fx.Node], offs) -> list[fx.Node]:
+    return call_multi(gm, ops.scaling_aware_transpose.default, (qs[0], qs[1], offs), 2,
+                      name=f"t_{qs[0].name}")
+
+
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     changed = False
     for n in list(gm.graph.nodes):
-        if n.target is not ops.quantize_1x128.default or (len(n.args) > 1 and n.args[1]):
+        col = n.target is ops.quantize_1x128_col.default
+        if not col and (n.target is not ops.quantize_1x128.default
+                        or (len(n.args) > 1 and n.args[1])):
             continue
+        # A column-wise quantization is left only where no GEMM needed the row-wise form (a
+        # wgrad whose dgrad is not computed): the fused op's row-wise output, transposed.
+        offs = n.args[1] if col and len(n.args) > 1 else None
         x = n.args[0]
         why: list[str] = []
         with unset_fake_temporarily():  # the test values are real tensors
@@ -355,6 +368,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             with gm.graph.inserting_before(n):
                 new = call_multi(gm, ops.swiglu_quant.default,
                                  (_contig(gm, h), _probs_arg(gm, p)), 2, name=f"swiglu_{h.name}")
+                new = _transposed(gm, new, offs) if col else new
             _replace(gm, n, new)
             ctx.log.append(f"fuse: quantization of {x.name} = SwiGLU({h.name}) -> swiglu_quant")
             changed = True
@@ -368,8 +382,9 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             with gm.graph.inserting_before(n):
                 new = call_multi(gm, ops.swiglu_quant_backward.default,
                                  (_contig(gm, d_a), _contig(gm, h), _probs_arg(gm, p)), 3,
-                                 name=f"swiglu_bwd_{h.name}")
-            _replace(gm, n, new[:2])
+                                 name=f"swiglu_bwd_{h.name}")[:2]
+                new = _transposed(gm, new, offs) if col else new
+            _replace(gm, n, new)
             ctx.log.append(f"fuse: quantization of {x.name} = SwiGLU gradient of {h.name} -> "
                            f"swiglu_quant_backward")
             changed = True
