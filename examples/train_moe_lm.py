@@ -47,7 +47,7 @@ timed span; evaluation is excluded, and so are the first ``--timing-skip`` steps
 (dominated by compilation) is reported separately as compile time.
 
     # GPU (H100): 2000 steps per variant at the default sizes, under 3 minutes in all (one
-    # H100: BF16 ~730k tokens/s, fp8flow ~300k tokens/s, ~20 s of compilation each)
+    # H100: BF16 ~650k tokens/s, fp8flow ~280k tokens/s, ~20 s of compilation each)
     python examples/train_moe_lm.py --steps 2000 --out runs/moe_lm
     # CPU smoke (tiny model, a few seconds of training per variant)
     TRITON_INTERPRET=1 python examples/train_moe_lm.py --smoke --out runs/moe_lm_smoke

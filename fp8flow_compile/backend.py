@@ -102,8 +102,15 @@ def _hint(n) -> int:
     """A size as an int: dynamic shapes give a SymInt, counted at the size it was traced with."""
     if isinstance(n, int):
         return n
-    from torch.fx.experimental.symbolic_shapes import hint_int
-    return hint_int(n)
+    import torch.fx.experimental.symbolic_shapes as sym
+    for name in ("hint_int", "optimization_hint"):  # the name differs across torch versions
+        fn = getattr(sym, name, None)
+        if fn is not None:
+            try:
+                return int(fn(n))
+            except Exception:
+                pass
+    return int(n.node.hint)
 
 
 def _num_fwd_outputs(gm: fx.GraphModule) -> int:

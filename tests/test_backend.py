@@ -193,3 +193,17 @@ def test_torch_logs_prints_the_rewritten_graphs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fp8flow graph_0 after graph" in out.stderr
     assert "torch.ops.fp8flow.gemm_fp8" in out.stderr
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_a_new_token_count_recompiles_dynamic_and_stays_right(moe_setup, inner):
+    # The second call with another token count makes Dynamo mark the token dim dynamic: the
+    # rewritten graph must not bake in the first count (the gather's index wrap reads it).
+    ref, bf, x, gy = moe_setup
+    c = compiled(copy.deepcopy(bf), inner=inner)
+    for t in (96, 64):
+        y32, dx32, _ = fwd_bwd(ref, x[:t], gy[:t])
+        yf, dxf, _ = fwd_bwd(c, x[:t].bfloat16(), gy[:t].bfloat16())
+        assert rel(yf, y32) < FP8_REL and rel(dxf, dx32) < FP8_REL
+    s = ff.last_report().summary()
+    assert s["casts_after"] >= 2 and s["saved_activation_bytes"] > 0

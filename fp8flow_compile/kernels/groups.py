@@ -45,9 +45,11 @@ def tile_bounds(offs: torch.Tensor | None, length: int, tile: int = TILE,
     device = offs.device
     num_groups = offs.numel()
     n_slots = max_tiles(length, num_groups, tile)
-    ends_g = offs.to(torch.int64)
+    # Bounds clamped to [0, length], as the kernels clamp them (offs must be non-decreasing,
+    # as torch._grouped_mm requires).
+    ends_g = offs.to(torch.int64).clamp(0, length)
     starts_g = torch.cat([ends_g.new_zeros(1), ends_g[:-1]])
-    ntiles = (ends_g - starts_g + tile - 1) // tile
+    ntiles = ((ends_g - starts_g).clamp(min=0) + tile - 1) // tile
     cum = torch.cumsum(ntiles, 0)
     slot = torch.arange(n_slots, device=device, dtype=torch.int64)
     g = torch.searchsorted(cum, slot, right=True)
@@ -91,7 +93,8 @@ def group_slot(offs_ptr, G, length, t, TILE_: tl.constexpr, G_BLOCK: tl.constexp
 
     The slots are numbered as `tile_bounds` numbers them: the tiles of group 0, then group 1, ...
     With TAIL the rows past offs[-1] follow as a pseudo-group G (callers write zeros there);
-    slots past the last tile get group G + 1 (or G without TAIL) and an empty range.
+    slots past the last tile get a group index > G and an empty range. offs must be
+    non-decreasing (as torch._grouped_mm requires); bounds are clamped to [0, length].
     Replaces a host-built table: no torch ops per launch, which at MoE sizes cost more host time
     than the kernels take on the GPU.
     """

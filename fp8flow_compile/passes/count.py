@@ -35,7 +35,7 @@ def casts(gm: fx.GraphModule, nodes: set | None = None) -> dict[str, int]:
 
 
 _PASS_THROUGH = {"getitem", "scaling_aware_transpose", "permute_pad_fp8", "permute", "t",
-                 "transpose", "view", "clone", "alias"}
+                 "transpose", "view", "clone", "alias", "cat"}
 
 
 def by_module(gm: fx.GraphModule, gemms: list) -> dict[str, dict[str, int]]:
@@ -43,7 +43,7 @@ def by_module(gm: fx.GraphModule, gemms: list) -> dict[str, dict[str, int]]:
     weight of the GEMMs it feeds (their common parent when it feeds several, e.g. q/k/v), per
     phase. `gemms` are find_gemms' decisions (their nodes are the rewritten GEMMs)."""
     from .graph import backward_nodes
-    owner = {g.node: g.weight.rsplit(".", 1)[0] if "." in g.weight else g.weight
+    owner = {g.node: g.weight.rsplit(".", 1)[0] if "." in g.weight else "(root)"
              for g in gemms if g.weight}
     bwd = backward_nodes(gm)
     out: dict[str, dict[str, int]] = {}

@@ -1,29 +1,28 @@
 """Flow rewrite "fuse": SwiGLU and its quantization become one op, forward and backward.
 
-Expects: a graph with fp8flow quantize nodes (after flow_reuse, so the wgrad operands already
-read the row-wise forms this pass replaces). Guarantees:
+Expects: a graph with fp8flow quantize nodes (after flow_reuse, so the wgrad operands already read
+the row-wise forms this pass replaces). Guarantees:
 
-- forward: `quantize_1x128(x)` where x = silu(gate) * up [* probs] with gate = h[:, :I] and
-  up = h[:, I:] of one tensor h [P, 2I] becomes `swiglu_quant(h, probs)`: no BF16 round trip of
-  the SwiGLU output, one rounding from fp32 straight to E4M3;
-- backward: `quantize_1x128(cat([d_gate, d_up], -1))` where (d_gate, d_up) is the SwiGLU
-  gradient of that h for an upstream gradient dA [P, I] becomes
-  `swiglu_quant_backward(dA, h, probs)`;
-- a column-wise quantization of either (left where no GEMM needs the row-wise form, e.g. the
-  FC1 wgrad when the input needs no gradient) becomes the scaling-aware transpose of the fused
-  op's row-wise output.
+- forward: `quantize_1x128(x)` where x = silu(gate) * up [* probs] with gate = h[:, :I] and up =
+  h[:, I:] of one tensor h [P, 2I] becomes `swiglu_quant(h, probs)`: no BF16 round trip of the
+  SwiGLU output, one rounding from fp32 straight to E4M3;
+- backward: `quantize_1x128(cat([d_gate, d_up], -1))` where (d_gate, d_up) is the SwiGLU gradient
+  of that h for an upstream gradient dA [P, I] becomes `swiglu_quant_backward(dA, h, probs)`;
+- a column-wise quantization of either (left where no GEMM needs the row-wise form, e.g. the FC1
+  wgrad when the input needs no gradient) becomes the scaling-aware transpose of the fused op's
+  row-wise output.
 
-How a SwiGLU is recognised: the quantized tensor's expression is followed back through
-elementwise ops (whatever the decomposition made of silu: `x / (1 + exp(-x))`, `x * sigmoid(x)`,
-dtype casts, either operand order) to its leaves. The leaves must be the two halves of one h
-(split / chunk / slicing of its last dim), plus, for the backward, one upstream gradient of
-shape [P, I], and optionally one per-row weight of shape [P, 1] or [P] (the routing
-probability). The expression is then evaluated on test values (rows of ordinary, tiny and large
-magnitudes, |x| up to 40, so clamps, scaled sigmoids or shifted gates show) and compared with the
-SwiGLU reference; only an expression that agrees to within the rounding of its intermediate
-dtype is replaced. So the rule is about what the graph computes, not how the model's source
-spells it; anything else (a clamped SwiGLU, GELU gating, gate and up from two GEMMs) keeps its
-explicit quantization, and where the expression holds an activation the log says why.
+How a SwiGLU is recognised: the quantized tensor's expression is followed back through elementwise
+ops (whatever the decomposition made of silu: `x / (1 + exp(-x))`, `x * sigmoid(x)`, dtype casts,
+either operand order) to its leaves. The leaves must be the two halves of one h (split / chunk /
+slicing of its last dim), plus, for the backward, one upstream gradient of shape [P, I], and
+optionally one per-row weight of shape [P, 1] or [P] (the routing probability). The expression is
+then evaluated in float64 (its casts mapped to float64, so intermediate roundings drop out) on test
+values (rows of ordinary, tiny and large magnitudes, |x| up to 40, so clamps, scaled sigmoids or
+shifted gates show) and compared with the float64 SwiGLU; only an expression that agrees to 1e-9 is
+replaced. So the rule is about what the graph computes, not how the model's source spells it;
+anything else (a clamped SwiGLU, GELU gating, gate and up from two GEMMs) keeps its explicit
+quantization, and where the expression holds an activation the log says why.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..kernels.swiglu import swiglu_backward_ref, swiglu_ref
 from .graph import Ctx, call, call_multi, val
 
 aten = torch.ops.aten
@@ -122,13 +120,36 @@ def _expression(root: fx.Node):
 
 
 def _evaluate(nodes: list[fx.Node], env: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+    """Run the expression in float64: every cast to a floating dtype becomes a cast to float64,
+    so the graph's intermediate roundings drop out and what remains is its math."""
     env = dict(env)
     for n in nodes:
-        args = torch.fx.node.map_arg(n.args, env.__getitem__)
+        args = list(torch.fx.node.map_arg(n.args, env.__getitem__))
         kwargs = dict(torch.fx.node.map_arg(n.kwargs, env.__getitem__))
         kwargs.pop("device", None)
+        if n.target is prims.convert_element_type.default and args[1].is_floating_point:
+            args[1] = torch.float64
+        if kwargs.get("dtype") is not None and kwargs["dtype"].is_floating_point:
+            kwargs["dtype"] = torch.float64
         env[n] = n.target(*args, **kwargs)
     return env[nodes[-1]]
+
+
+def _swiglu64(h: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    half = h.shape[1] // 2
+    g, u = h[:, :half], h[:, half:]
+    y = g * torch.sigmoid(g) * u
+    return y if p is None else y * p.view(-1, 1)
+
+
+def _swiglu_grad64(d: torch.Tensor, h: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    half = h.shape[1] // 2
+    g, u = h[:, :half], h[:, half:]
+    sig = torch.sigmoid(g)
+    dg, du = d * u * sig * (1 + g * (1 - sig)), d * g * sig
+    if p is not None:
+        dg, du = dg * p.view(-1, 1), du * p.view(-1, 1)
+    return torch.cat([dg, du], 1)
 
 
 def _test_h(half: int, dtype: torch.dtype) -> torch.Tensor:
@@ -136,19 +157,18 @@ def _test_h(half: int, dtype: torch.dtype) -> torch.Tensor:
     x = torch.randn(ROWS, 2 * half, generator=g) * 3
     x[0::4] *= 1e-3  # tiny
     x[1::4] = x[1::4].sign() * (8 + 32 * torch.rand(half * 2, generator=g))  # large: clamps show
-    return x.to(dtype)
+    return x.to(dtype).double()  # values the graph's dtype holds, evaluated in float64
 
 
 def _test_vec(rows: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(rows, 1, generator=g) + 0.1).to(dtype)
+    return (torch.rand(rows, 1, generator=g) + 0.1).to(dtype).double()
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
-    # The graph may round intermediates (silu, the product) to its dtype: a few ulps of it.
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    a, b = a.double(), b.double()
-    tol = 8 * eps * b.abs() + 8 * eps * b.abs().max() * 1e-3
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Both in float64 and exact math apart from float64 rounding: an expression that is
+    # SwiGLU agrees to ~1e-15; one scaled or shifted by 1e-6 does not.
+    tol = 1e-9 * b.abs() + 1e-12 * b.abs().max()
     return bool(torch.all((a - b).abs() <= tol) and torch.isfinite(a).all())
 
 
@@ -179,8 +199,7 @@ def _classify(leaves: list[fx.Node], rows: int, width: int):
 
 def _env(halves, h_test, per_row, probs_test):
     width = h_test.shape[1] // 2
-    env = {leaf: h_test[:, i * width:(i + 1) * width].to(val(leaf).dtype)
-           for leaf, i in halves.items()}
+    env = {leaf: h_test[:, i * width:(i + 1) * width] for leaf, i in halves.items()}
     for leaf in per_row:
         env[leaf] = probs_test.view(-1) if val(leaf).dim() == 1 else probs_test
     return env
@@ -220,8 +239,7 @@ def _match_forward(x: fx.Node, why: list[str]):
         got = _evaluate(nodes, _env(halves, h_test, per_row, p_test))
     except Exception:  # an op our test values do not fit: no match
         return None
-    want = swiglu_ref(h_test, None if p_test is None else p_test.view(-1))
-    if not _close(got, want.to(got.dtype), got.dtype):
+    if not _close(got, _swiglu64(h_test, p_test)):
         why.append(NOT_SWIGLU)
         return None
     return h, (per_row[0] if per_row else None)
@@ -286,17 +304,17 @@ def _match_backward(x: fx.Node, why: list[str]):
     hv = val(h)
     h_test = _test_h(width, hv.dtype)
     d_test = (torch.randn(ROWS, width, generator=torch.Generator().manual_seed(2))
-              .to(val(d_a).dtype))
+              .to(val(d_a).dtype).double())
     p_test = _test_vec(ROWS, val(per_row[0]).dtype, 1) if per_row else None
     env = _env(halves, h_test, per_row, p_test)
     env[d_a] = d_test
-    want, _ = swiglu_backward_ref(d_test, h_test, None if p_test is None else p_test.view(-1))
+    want = _swiglu_grad64(d_test, h_test, p_test)
     for i, (nodes, _) in enumerate(parts):
         try:
             got = _evaluate(nodes, env)
         except Exception:
             return None
-        if not _close(got, want[:, i * width:(i + 1) * width].to(got.dtype), got.dtype):
+        if not _close(got, want[:, i * width:(i + 1) * width]):
             why.append(NOT_SWIGLU)
             return None
     return d_a, h, (per_row[0] if per_row else None)
@@ -307,7 +325,7 @@ def _probs_arg(gm: fx.GraphModule, p: fx.Node | None):
         return None
     v = val(p)
     if v.dim() == 2:
-        p = call(gm, aten.view.default, (p, [v.shape[0]]))
+        p = call(gm, aten.view.default, (p, [-1]))
     if not val(p).is_contiguous():
         p = call(gm, aten.clone.default, (p,), {"memory_format": torch.contiguous_format})
     return p

@@ -1,13 +1,14 @@
 """Flow rewrite "hoist": quantize before data movement, so tokens move in FP8.
 
-Expects: a graph with fp8flow quantize nodes. Guarantees: `quantize_1x128(index(s, [idx]))` (a
-row gather of a 2-D tensor, as the MoE token permutation and the gradient of a combine that
-gathers are; seen through same-shape views, expands and clones) becomes
-`permute_pad_fp8(quantize_1x128(s), idx)`: the rows and their scales move together, which is
-exact because 1x128 tiles along the last dim never mix rows (`index_select` along rows counts as
-such a gather). Likewise `quantize_1x128(cat([a, b], 0))` becomes the concatenation of the
-quantized parts (bytes and scales). The quantization of `s` is shared with any other user of it
-(dedupe runs after).
+Expects: a graph with fp8flow quantize nodes. Guarantees: `quantize_1x128(index(s, [idx]))` (a row
+gather of a 2-D tensor, as the MoE token permutation and the gradient of a combine that gathers are;
+seen through same-shape views, expands and clones) becomes `permute_pad_fp8(quantize_1x128(s),
+idx)`: the rows and their scales move together, which is exact because 1x128 tiles along the last
+dim never mix rows (`index_select` along rows counts as such a gather). Likewise
+`quantize_1x128(cat([a, b], 0))` becomes the concatenation of the quantized parts (bytes and scales)
+when every part is already quantized row-wise for another GEMM, so that the concatenation moves FP8
+bytes and no cast is added. The quantization of `s` is shared with any other user of it (dedupe runs
+after).
 """
 
 from __future__ import annotations
@@ -81,12 +82,17 @@ def _quant(gm: fx.GraphModule, x: fx.Node):
 
 
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    # Tensors some GEMM already reads in row-wise FP8: a concatenation of those is made from
+    # their FP8 forms (dedupe merges the quantizations), so hoisting adds no cast.
+    row_quantized = {n.args[0] for n in gm.graph.nodes
+                     if n.target is ops.quantize_1x128.default
+                     and (len(n.args) < 2 or n.args[1] is None)}
     for n in list(gm.graph.nodes):
         if n.target is not ops.quantize_1x128.default or (len(n.args) > 1 and n.args[1]):
             continue
         moved = n.args[0].name
         parts = _row_cat(n.args[0])
-        if parts is not None:
+        if parts is not None and all(p in row_quantized for p in parts):
             # 1x128 tiles never mix rows: quantize each part, concatenate bytes and scales.
             with gm.graph.inserting_before(n):
                 qs = [_quant(gm, p) for p in parts]
@@ -106,6 +112,8 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             sq, ss = _quant(gm, src)
             # permute_pad_fp8 reads a negative index as a padding row; torch wraps it.
             rows = val(src).shape[0]
+            if not isinstance(rows, int):  # dynamic token count: read it from the graph
+                rows = call(gm, aten.sym_size.int, (src, 0))
             wrapped = call(gm, aten.where.self, (
                 call(gm, aten.lt.Scalar, (idx, 0)), call(gm, aten.add.Tensor, (idx, rows)), idx))
             idx32 = call(gm, prims.convert_element_type.default, (wrapped, torch.int32))
