@@ -52,6 +52,9 @@ class Spelled(MoE):
             return F.gelu(g) * u
         raise ValueError(self.act)
 
+    def gather_rows(self, x, token):
+        return x[token]
+
     def forward(self, x):
         topw, topi = self.route(x)
         flat = topi.flatten()
@@ -59,7 +62,7 @@ class Spelled(MoE):
         token = order // self.top_k
         offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
         w = topw.flatten()[order].unsqueeze(-1).to(x.dtype)
-        h = torch._grouped_mm(x[token], self.w13.transpose(-2, -1), offs=offs)
+        h = torch._grouped_mm(self.gather_rows(x, token), self.w13.transpose(-2, -1), offs=offs)
         a = self.swiglu(h)
         if self.weight_before_down:
             a = a * w
@@ -227,17 +230,10 @@ class GatherMoE(Spelled):
         super().__init__("chunk", **kw)
         self.gather = gather
 
-    def forward(self, x):
-        topw, topi = self.route(x)
-        flat = topi.flatten()
-        order = flat.argsort(stable=True)
-        token = order // self.top_k
-        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
-        xs = x.index_select(0, token) if self.gather == "index_select" else x[token - x.shape[0]]
-        h = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs)
-        y = torch._grouped_mm(self.swiglu(h), self.w2.transpose(-2, -1), offs=offs)
-        y = y * topw.flatten()[order].unsqueeze(-1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+    def gather_rows(self, x, token):
+        if self.gather == "index_select":
+            return x.index_select(0, token)
+        return x[token - x.shape[0]]
 
 
 @pytest.mark.parametrize("gather", ["index_select", "negative_index"])

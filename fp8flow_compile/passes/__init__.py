@@ -16,8 +16,7 @@ from .graph import Ctx, backward_nodes
 FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe)
 
 
-def _phase_counts(gm: fx.GraphModule) -> dict[str, dict[str, int]]:
-    bwd = backward_nodes(gm)
+def _phase_counts(gm: fx.GraphModule, bwd: set) -> dict[str, dict[str, int]]:
     fwd = {n for n in gm.graph.nodes if n not in bwd}
     return {"forward": count.casts(gm, fwd), "backward": count.casts(gm, bwd)}
 
@@ -29,11 +28,12 @@ def run_joint(gm: fx.GraphModule, ctx: Ctx) -> dict:
     insert_qdq.run(gm, ctx)
     dedupe.run(gm, ctx)
     record["naive"] = copy.deepcopy(gm)
-    record["casts_naive"] = _phase_counts(gm)
+    record["casts_naive"] = _phase_counts(gm, backward_nodes(gm))
     if ctx.options.get("flow", True):
         for p in FLOW:
             p.run(gm, ctx)
     record["after"] = gm
-    record["casts_after"] = _phase_counts(gm)
-    record["casts_by_module"] = count.by_module(gm, ctx.gemms)
+    bwd = backward_nodes(gm)
+    record["casts_after"] = _phase_counts(gm, bwd)
+    record["casts_by_module"] = count.by_module(gm, ctx.gemms, bwd)
     return record

@@ -38,14 +38,13 @@ _PASS_THROUGH = {"getitem", "scaling_aware_transpose", "permute_pad_fp8", "permu
                  "transpose", "view", "clone", "alias", "cat"}
 
 
-def by_module(gm: fx.GraphModule, gemms: list) -> dict[str, dict[str, int]]:
+def by_module(gm: fx.GraphModule, gemms: list, bwd: set) -> dict[str, dict[str, int]]:
     """Activation/gradient casts per module: each cast is charged to the module that owns the
     weight of the GEMMs it feeds (their common parent when it feeds several, e.g. q/k/v), per
-    phase. `gemms` are find_gemms' decisions (their nodes are the rewritten GEMMs)."""
-    from .graph import backward_nodes
+    phase. `gemms` are find_gemms' decisions (their nodes are the rewritten GEMMs), `bwd` the
+    backward nodes (graph.backward_nodes)."""
     owner = {g.node: g.weight.rsplit(".", 1)[0] if "." in g.weight else "(root)"
              for g in gemms if g.weight}
-    bwd = backward_nodes(gm)
     out: dict[str, dict[str, int]] = {}
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target not in ACT:

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .graph import Ctx, call, call_multi, val
+from .graph import Ctx, call, call_multi, contiguous, val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -326,15 +326,7 @@ def _probs_arg(gm: fx.GraphModule, p: fx.Node | None):
     v = val(p)
     if v.dim() == 2:
         p = call(gm, aten.view.default, (p, [-1]))
-    if not val(p).is_contiguous():
-        p = call(gm, aten.clone.default, (p,), {"memory_format": torch.contiguous_format})
-    return p
-
-
-def _contig(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
-    if val(n).is_contiguous():
-        return n
-    return call(gm, aten.clone.default, (n,), {"memory_format": torch.contiguous_format})
+    return contiguous(gm, p)
 
 
 def _replace(gm: fx.GraphModule, old: fx.Node, new: list[fx.Node]) -> None:
@@ -374,38 +366,30 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         with unset_fake_temporarily():  # the test values are real tensors
             fwd = _match_forward(x, why)
             bwd = None if fwd is not None else _match_backward(x, why)
-        if fwd is None and bwd is None and why:
-            ctx.log.append(f"fuse: quantization of {x.name} kept, not fused into a SwiGLU op: "
-                           f"{why[0]}")
-        if fwd is not None:
-            h, p = fwd
-            why = _tiled(h)
+        if fwd is None and bwd is None:
             if why:
-                ctx.log.append(f"fuse: SwiGLU of {h.name} kept unfused: {why}")
-                continue
-            with gm.graph.inserting_before(n):
-                new = call_multi(gm, ops.swiglu_quant.default,
-                                 (_contig(gm, h), _probs_arg(gm, p)), 2, name=f"swiglu_{h.name}")
-                new = _transposed(gm, new, offs) if col else new
-            _replace(gm, n, new)
-            ctx.log.append(f"fuse: quantization of {x.name} = SwiGLU({h.name}) -> swiglu_quant")
-            changed = True
+                ctx.log.append(f"fuse: quantization of {x.name} kept, not fused into a SwiGLU "
+                               f"op: {why[0]}")
             continue
-        if bwd is not None:
-            d_a, h, p = bwd
-            why = _tiled(h)
-            if why:
-                ctx.log.append(f"fuse: SwiGLU backward of {h.name} kept unfused: {why}")
-                continue
-            with gm.graph.inserting_before(n):
-                new = call_multi(gm, ops.swiglu_quant_backward.default,
-                                 (_contig(gm, d_a), _contig(gm, h), _probs_arg(gm, p)), 3,
-                                 name=f"swiglu_bwd_{h.name}")[:2]
-                new = _transposed(gm, new, offs) if col else new
-            _replace(gm, n, new)
-            ctx.log.append(f"fuse: quantization of {x.name} = SwiGLU gradient of {h.name} -> "
-                           f"swiglu_quant_backward")
-            changed = True
+        d_a, h, p = (None, *fwd) if fwd is not None else bwd
+        why = _tiled(h)
+        if why:
+            kind = "SwiGLU" if d_a is None else "SwiGLU backward"
+            ctx.log.append(f"fuse: {kind} of {h.name} kept unfused: {why}")
+            continue
+        with gm.graph.inserting_before(n):
+            if d_a is None:
+                target, name = ops.swiglu_quant.default, f"swiglu_{h.name}"
+                args = (contiguous(gm, h), _probs_arg(gm, p))
+            else:
+                target, name = ops.swiglu_quant_backward.default, f"swiglu_bwd_{h.name}"
+                args = (contiguous(gm, d_a), contiguous(gm, h), _probs_arg(gm, p))
+            new = call_multi(gm, target, args, len(target._schema.returns), name=name)[:2]
+            new = _transposed(gm, new, offs) if col else new
+        _replace(gm, n, new)
+        what = f"SwiGLU({h.name})" if d_a is None else f"SwiGLU gradient of {h.name}"
+        ctx.log.append(f"fuse: quantization of {x.name} = {what} -> {target._opname}")
+        changed = True
     if changed:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()

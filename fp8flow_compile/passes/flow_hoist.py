@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from .graph import Ctx, call, call_multi, val
+from .insert_qdq import quantize
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -75,10 +76,8 @@ def _replace_outputs(gm: fx.GraphModule, n: fx.Node, q: fx.Node, s: fx.Node) -> 
     gm.graph.erase_node(n)
 
 
-def _quant(gm: fx.GraphModule, x: fx.Node):
-    q, s = call_multi(gm, ops.quantize_1x128.default, (x, None), 2, name=f"q_{x.name}")
-    q.args[0].meta["fp8flow"] = {"role": "act", "src": x}
-    return q, s
+def _quant_rows(gm: fx.GraphModule, x: fx.Node):
+    return quantize(gm, ops.quantize_1x128.default, x, None, "act")
 
 
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
@@ -95,7 +94,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         if parts is not None and all(p in row_quantized for p in parts):
             # 1x128 tiles never mix rows: quantize each part, concatenate bytes and scales.
             with gm.graph.inserting_before(n):
-                qs = [_quant(gm, p) for p in parts]
+                qs = [_quant_rows(gm, p) for p in parts]
                 q = call(gm, aten.cat.default, ([a for a, _ in qs], 0))
                 sc = call(gm, aten.cat.default, ([b for _, b in qs], 0))
             _replace_outputs(gm, n, q, sc)
@@ -109,7 +108,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         if not val(src).is_contiguous():
             continue
         with gm.graph.inserting_before(n):
-            sq, ss = _quant(gm, src)
+            sq, ss = _quant_rows(gm, src)
             # permute_pad_fp8 reads a negative index as a padding row; torch wraps it.
             rows = val(src).shape[0]
             if not isinstance(rows, int):  # dynamic token count: read it from the graph

@@ -51,6 +51,13 @@ def call(gm: fx.GraphModule, target, args: tuple, kwargs: dict | None = None,
     return node
 
 
+def contiguous(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
+    """n itself if its value is contiguous, else a contiguous clone inserted here."""
+    if val(n).is_contiguous():
+        return n
+    return call(gm, aten.clone.default, (n,), {"memory_format": torch.contiguous_format})
+
+
 def call_multi(gm: fx.GraphModule, target, args: tuple, n_out: int, name: str | None = None
                ) -> list[fx.Node]:
     node = call(gm, target, args, name=name)

@@ -15,19 +15,14 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, call, call_multi, strip, val
+from .graph import Ctx, call, call_multi, contiguous, strip, val
 
 aten = torch.ops.aten
 ops = torch.ops.fp8flow
 
 
-def _contig(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
-    if val(n).is_contiguous():
-        return n
-    return call(gm, aten.clone.default, (n,), {"memory_format": torch.contiguous_format})
-
-
-def _quant(gm, target, x, offs, role) -> tuple[fx.Node, fx.Node]:
+def quantize(gm, target, x, offs, role) -> tuple[fx.Node, fx.Node]:
+    """(data, scales) of `target(x[, offs])` inserted here, tagged for the counters."""
     args = (x,) if target is ops.quantize_128x128.default else (x, offs)
     q, s = call_multi(gm, target, args, 2, name=f"q_{x.name}")
     q.args[0].meta["fp8flow"] = {"role": role, "src": x}
@@ -38,16 +33,16 @@ def quant_rows(gm, x: fx.Node, offs=None):
     """1x128 tiles along the last dim of the 2-D operand x (the contracted axis)."""
     src, transposed = strip(x)
     if transposed and val(src).dim() == 2:
-        return _quant(gm, ops.quantize_1x128_col.default, _contig(gm, src), offs, "act")
-    return _quant(gm, ops.quantize_1x128.default, _contig(gm, x), offs, "act")
+        return quantize(gm, ops.quantize_1x128_col.default, contiguous(gm, src), offs, "act")
+    return quantize(gm, ops.quantize_1x128.default, contiguous(gm, x), offs, "act")
 
 
 def quant_rows_of_t(gm, x: fx.Node, offs=None):
     """1x128 tiles along dim 0 of the 2-D operand x, returned in the layout of x^T."""
     src, transposed = strip(x)
     if transposed and val(src).dim() == 2:
-        return _quant(gm, ops.quantize_1x128.default, _contig(gm, src), offs, "act")
-    return _quant(gm, ops.quantize_1x128_col.default, _contig(gm, x), offs, "act")
+        return quantize(gm, ops.quantize_1x128.default, contiguous(gm, src), offs, "act")
+    return quantize(gm, ops.quantize_1x128_col.default, contiguous(gm, x), offs, "act")
 
 
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
