@@ -21,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import bench_ms, copy_bandwidth_gbs, env_line, rel_err  # noqa: E402
+from fp8flow_compile.kernels import cublas as CB  # noqa: E402
 from fp8flow_compile.kernels import gemm as G  # noqa: E402
 from fp8flow_compile.kernels import permute as PM  # noqa: E402
 from fp8flow_compile.kernels import quantize as Q  # noqa: E402
@@ -222,6 +223,12 @@ def main():
                  f"w{c.num_warps}s{c.num_stages}u{c.unroll}]",
                  lambda: G.grouped_gemm_fp8_triton(a_q, a_s, b_q, b_s, offs, tb, torch.bfloat16, c),
                  flops, peer, f"rel err {err:.1e}")
+        # the same op as one cuBLAS call per group (what `auto` picks at this size)
+        o = CB.grouped_fwd(a_q, a_s, b_q, b_s, offs, torch.bfloat16)
+        err = rel_err(o, G.grouped_gemm_fp8_ref(a_q, a_s, b_q, b_s, offs, tb, torch.float32))
+        gemm_row(f"grouped_gemm_fp8 {name} [cuBLAS per group]",
+                 lambda: CB.grouped_fwd(a_q, a_s, b_q, b_s, offs, torch.bfloat16),
+                 flops, peer, f"rel err {err:.1e}")
         ROWS.append(("", "", "", "", ""))
 
     wg = [("FC1 wgrad", (dhq, dhs), (xq_p, xs_p), 2 * I, H),
@@ -243,6 +250,12 @@ def main():
                  f"w{c.num_warps}s{c.num_stages}u{c.unroll}]",
                  lambda: G.grouped_gemm_fp8_wgrad_triton(aT, aTs, bT, bTs, offs, torch.float32, c),
                  flops, peer, f"rel err {err:.1e}")
+        for od in (torch.float32, torch.bfloat16):
+            o = CB.grouped_wgrad(aT, aTs, bT, bTs, offs, od)
+            err = rel_err(o, G.grouped_gemm_fp8_wgrad_ref(aT, aTs, bT, bTs, offs, torch.float32))
+            gemm_row(f"grouped_gemm_fp8_wgrad {name} [cuBLAS per group, {str(od)[6:]} out]",
+                     lambda od=od: CB.grouped_wgrad(aT, aTs, bT, bTs, offs, od),
+                     flops, peer, f"rel err {err:.1e}")
         ROWS.append(("", "", "", "", ""))
 
     print()

@@ -8,6 +8,9 @@ Variants (keys for `--variants`):
 - ``fp8_naive``      "fp8 naive": `backend=fp8flow, options={"flow": False}`, every GEMM operand
   quantized from its high-precision value (the Q/DQ graph before the flow rewrites).
 - ``fp8flow``        "fp8flow": `backend=fp8flow` with its default options.
+- ``fp8flow_triton`` "fp8flow triton GEMMs": the same with every FP8 GEMM forced onto the Triton
+  kernels (`set_gemm_backend("triton")`), where the default picks cuBLAS per group at large
+  groups (see fp8flow_compile/kernels/cublas.py).
 - ``fp8_hand``       "fp8 hand-wired": the routed experts through
   `fp8flow_compile.flow.moe_experts_fp8_flow`, the target of the rewrite, run eagerly.
 - ``torchao_fp8``    "torchao fp8 rowwise": torchao's MoE training prototype (its tensor subclass
@@ -98,6 +101,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fp8flow_compile as ff  # noqa: E402
 from examples.moe import MoE  # noqa: E402
 from examples.quickstart import FlowMoE  # noqa: E402
+from fp8flow_compile.kernels.cublas import gemm_backend, set_gemm_backend  # noqa: E402
 
 # name: (T, H, I, E, top_k)
 SHAPES = {
@@ -118,6 +122,7 @@ VARIANTS = {
     "bf16_compiled": "bf16 compiled",
     "fp8_naive": "fp8 naive",
     "fp8flow": "fp8flow",
+    "fp8flow_triton": "fp8flow triton GEMMs",
     "fp8_hand": "fp8 hand-wired",
     "torchao_fp8": "torchao fp8 rowwise",
     "torchao_fp8_eager": "torchao fp8 rowwise eager",
@@ -283,7 +288,7 @@ def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: 
     torch._dynamo.reset()
     if key == "bf16_compiled":
         return torch.compile(m), m, info
-    if key in ("fp8_naive", "fp8flow"):
+    if key in ("fp8_naive", "fp8flow", "fp8flow_triton"):
         opts = {**fp8_opts, **({"flow": False} if key == "fp8_naive" else {})}
         info["options"] = opts
         ff.last_report().records.clear()
@@ -465,6 +470,10 @@ def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) ->
     """Measure one variant; every failure becomes the row's `error`. The variant's model,
     compiled code and gradients are freed before this returns."""
     row: dict = {"variant": key, "name": VARIANTS[key]}
+    before = gemm_backend()
+    if key == "fp8flow_triton":
+        set_gemm_backend("triton")
+    row["gemm_backend"] = gemm_backend()
     try:
         _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev)
     except Skip as e:
@@ -472,6 +481,8 @@ def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) ->
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"
         row["traceback"] = traceback.format_exc(limit=-6)
+    finally:
+        set_gemm_backend(before)
     free(dev)
     return row
 
@@ -498,7 +509,7 @@ def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) 
     step()
     sync(dev)
     row["first_call_s"] = time.perf_counter() - t0
-    if key in ("fp8_naive", "fp8flow"):
+    if key in ("fp8_naive", "fp8flow", "fp8flow_triton"):
         try:
             row["fp8flow_report"] = ff.last_report().summary()
         except Exception as e:  # the report is informative only

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from fp8flow_compile import Fp8Unsupported
+from fp8flow_compile.kernels import cublas as CB
 from fp8flow_compile.kernels import gemm as G
 from fp8flow_compile.kernels import quantize as Q
 from fp8flow_compile.kernels.groups import group_block, group_slot, group_span, tile_bounds
@@ -396,6 +397,86 @@ def test_nan_reaches_outputs_that_read_it(impl):
     assert not dw.isnan().any()
 
 
+# ---------------------------------------------------------------- the cuBLAS loop (CPU stand-in)
+
+def _cublas_layout(a, s_cm, kind):
+    """The layout rules cuBLAS enforces on the H100 (see kernels/cublas.py), asserted."""
+    rows, k = a.shape
+    assert a.stride(1) == 1 and k % CB.ALIGN == 0 and a.stride(0) % CB.ALIGN == 0
+    assert a.storage_offset() % CB.ALIGN == 0, "slice must start on a 16-byte boundary"
+    assert s_cm.shape == (rows, -(-k // TILE)) and s_cm.stride() == (1, rows), \
+        f"scales {tuple(s_cm.shape)} strides {s_cm.stride()} are not packed column-major"
+    if kind == "fwd":
+        assert rows % CB.ROW_ALIGN == 0 and k % (CB.K_BLOCKS * TILE) == 0
+
+
+def strict_dense_fwd(a, s_cm, b, b_s, out):
+    _cublas_layout(a, s_cm, "fwd")
+    assert b.is_contiguous() and b_s.is_contiguous() and out.is_contiguous()
+    out.copy_(G.gemm_fp8_ref(a, s_cm.contiguous(), b, b_s, True, out.dtype))
+
+
+def strict_dense_wgrad(a, s_cm, b, s_b_cm, out):
+    _cublas_layout(a, s_cm, "wgrad")
+    _cublas_layout(b, s_b_cm, "wgrad")
+    assert out.is_contiguous()
+    out.copy_(G.gemm_fp8_wgrad_ref(a, s_cm.contiguous(), b, s_b_cm.contiguous(), out.dtype))
+
+
+# Group sizes that exercise every branch of the loop: empty groups, row counts off the multiple of
+# ROW_ALIGN (a padded tail call, alone or after a direct one), token counts and starts off the 16
+# alignment (padded columns), rows past offs[-1].
+CUBLAS_OFFS = {**OFFS_CASES, "small_and_unaligned": [1, 6, 22, 38, 38, 166, 294]}
+
+
+@pytest.mark.parametrize("case", CUBLAS_OFFS)
+def test_cublas_grouped_loop_matches_reference(case):
+    offs = torch.tensor(CUBLAS_OFFS[case], dtype=torch.int32)
+    E = offs.numel()
+    aq, as_ = Q.quantize_1x128_ref(rnd((P, 512), 50))
+    bq, bs = Q.quantize_128x128_ref(rnd((E, 96, 512), 51, "normal"))
+    y = CB.grouped_fwd(aq, as_, bq, bs, offs, BF16, dense=strict_dense_fwd)
+    assert torch.equal(y, G.grouped_gemm_fp8_ref(aq, as_, bq, bs, offs, True, BF16))
+
+    ta = Q.quantize_1x128_col_ref(rnd((P, 64), 52), offs)
+    tb = Q.quantize_1x128_col_ref(rnd((P, 160), 53), offs)
+    for out_dtype in (F32, BF16):
+        dw = CB.grouped_wgrad(*ta, *tb, offs, out_dtype, dense=strict_dense_wgrad)
+        ref = G.grouped_gemm_fp8_wgrad_ref(*ta, *tb, offs, out_dtype)
+        # Same dequantized operands and float32 matmuls; the padded columns only add zeros, but
+        # a matmul of another width may sum in another order: fp32 accumulation bound.
+        a64, b64 = deq_rows(*ta, offs), deq_rows(*tb, offs)
+        start = 0
+        for g, end in enumerate(offs.tolist()):
+            end = max(end, start)
+            bound = out_bound(ref[g].double(),
+                              acc_bound(a64[:, start:end].abs() @ b64[:, start:end].abs().t(),
+                                        max(end - start, 1)), out_dtype)
+            assert_within(dw[g], ref[g].double(), 2 * bound)
+            start = end
+
+
+def test_cublas_dense_calls_match_reference():
+    for m in (3, 5, 200):  # tail only, head and tail, head only
+        aq, as_ = Q.quantize_1x128_ref(rnd((m, 512), 54))
+        bq, bs = Q.quantize_128x128_ref(rnd((96, 512), 55, "normal"))
+        y = CB.gemm_fwd(aq, as_, bq, bs, BF16, dense=strict_dense_fwd)
+        assert torch.equal(y, G.gemm_fp8_ref(aq, as_, bq, bs, True, BF16))
+    ta = Q.quantize_1x128_col_ref(rnd((208, 64), 56))
+    tb = Q.quantize_1x128_col_ref(rnd((208, 32), 57))
+    dw = CB.gemm_wgrad(*ta, *tb, F32, dense=strict_dense_wgrad)
+    assert torch.equal(dw, G.gemm_fp8_wgrad_ref(*ta, *tb, F32))
+
+
+def test_cublas_selection_rules():
+    cpu = torch.empty(1, dtype=FP8)
+    assert not CB.choose(cpu, "fwd", BF16, (128, 512))  # CPU runs the torch reference
+    with pytest.raises(ValueError, match="must be one of"):
+        CB.set_gemm_backend("cutlass")
+    assert CB._host_bounds(torch.tensor([5, 3, 9, 20], dtype=torch.int32), 12) == \
+        [(0, 5), (5, 5), (5, 9), (9, 12)]
+
+
 # ---------------------------------------------------------------- custom ops: checks and fakes
 
 def _ops_inputs():
@@ -483,42 +564,74 @@ def _gpu_offs(P_, E):
     return ends.to(torch.int32)
 
 
+@pytest.fixture(params=["triton", "cublas"])
+def gemm_backend(request):
+    """Run a GPU test with the GEMMs forced through one implementation."""
+    before = CB.gemm_backend()
+    CB.set_gemm_backend(request.param)
+    yield request.param
+    CB.set_gemm_backend(before)
+
+
 @pytest.mark.gpu
-def test_gpu_grouped_fprop_dgrad_wgrad():
+@pytest.mark.parametrize("sizes", ["random", "small_and_unaligned"])
+def test_gpu_grouped_fprop_dgrad_wgrad(gemm_backend, sizes):
     Pg, K, N, E = 4096, 1024, 1024, 8
-    offs = _gpu_offs(Pg, E)
+    if sizes == "random":
+        offs = _gpu_offs(Pg, E)
+    else:  # groups of 1..40 rows and unaligned token starts, then one big group
+        offs = torch.tensor([1, 17, 20, 56, 56, 95, 130, 3000], dtype=torch.int32)
     x, dy = rnd((Pg, K), 40), rnd((Pg, N), 41)
     w = rnd((E, N, K), 42, "normal") * 0.03
     ops = torch.ops.fp8flow
     aq, as_ = Q.quantize_1x128_ref(x)
-    bq, bs = Q.quantize_128x128_ref(w)
+    bq, bs, bqT, bsT = Q.quantize_128x128_dual_ref(w)
     dq, ds = Q.quantize_1x128_ref(dy)
     cu = lambda *ts: [t.cuda() for t in ts]
+    if gemm_backend == "cublas":  # the probes pass, so the ops below do run through cuBLAS
+        for kind, dt in [("fwd", BF16), ("wgrad", BF16), ("wgrad", F32)]:
+            assert CB.choose(aq.cuda(), kind, dt, (N, K)), CB._probe(0, kind, dt)
     y = ops.grouped_gemm_fp8(*cu(aq, as_, bq, bs, offs), True, BF16)
     dx = ops.grouped_gemm_fp8(*cu(dq, ds, bq, bs, offs), False, BF16)
+    # dgrad as the backend runs it: the transposed weight copy, B K-major (cuBLAS takes this one)
+    dx_t = ops.grouped_gemm_fp8(*cu(dq, ds, bqT, bsT, offs), True, BF16)
     xq, wq, dyq = deq_rows(aq, as_), deq_w(bq, bs), deq_rows(dq, ds)
     start = 0
     for g, end in enumerate(offs.tolist()):
         if end > start:
             check_gpu(y[start:end], xq[start:end], wq[g].t())
             check_gpu(dx[start:end], dyq[start:end], wq[g])
+            check_gpu(dx_t[start:end], dyq[start:end], wq[g])
         start = end
-    assert (y[start:] == 0).all() and (dx[start:] == 0).all()
+    assert (y[start:] == 0).all() and (dx[start:] == 0).all() and (dx_t[start:] == 0).all()
 
     ta, tb = Q.quantize_1x128_col_ref(dy, offs), Q.quantize_1x128_col_ref(x, offs)
-    dw = ops.grouped_gemm_fp8_wgrad(*cu(*ta, *tb, offs), F32)
     a64, b64 = deq_rows(*ta, offs), deq_rows(*tb, offs)
-    start = 0
-    for g, end in enumerate(offs.tolist()):
-        if end > start:
-            check_gpu(dw[g], a64[:, start:end], b64[:, start:end].t())
-        else:
-            assert (dw[g] == 0).all()
-        start = end
+    for out_dtype in (F32, BF16):
+        dw = ops.grouped_gemm_fp8_wgrad(*cu(*ta, *tb, offs), out_dtype)
+        start = 0
+        for g, end in enumerate(offs.tolist()):
+            if end > start:
+                check_gpu(dw[g], a64[:, start:end], b64[:, start:end].t())
+            else:
+                assert (dw[g] == 0).all()
+            start = end
 
 
 @pytest.mark.gpu
-def test_gpu_dense_and_scaled_mm_blockwise():
+def test_gpu_cublas_nan_reaches_outputs_that_read_it(gemm_backend):
+    x = rnd((130, 512), 19, dtype=F32)
+    x[5, 400] = float("nan")
+    aq, as_ = Q.quantize_1x128_ref(x)
+    bq, bs = Q.quantize_128x128_ref(rnd((2, 128, 512), 20, "normal"))
+    offs = torch.tensor([3, 130], dtype=torch.int32)
+    y = torch.ops.fp8flow.grouped_gemm_fp8(*(t.cuda() for t in (aq, as_, bq, bs, offs)), True,
+                                           BF16).cpu()
+    assert y[5].isnan().all() and not y[torch.arange(130) != 5].isnan().any()
+
+
+@pytest.mark.gpu
+def test_gpu_dense_and_scaled_mm_blockwise(gemm_backend):
     M, K, N = 2048, 1024, 1536
     aq, as_ = Q.quantize_1x128_ref(rnd((M, K), 43))
     bq, bs = Q.quantize_128x128_ref(rnd((N, K), 44, "normal") * 0.03)

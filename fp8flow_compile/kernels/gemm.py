@@ -56,6 +56,7 @@ import triton.language as tl
 
 from ..errors import require, require_dtype
 from ..recipe import TILE
+from . import cublas
 from . import fp8_math as fm
 from .common import FP8, use_triton
 from .groups import cdiv, group_block, group_slot, group_span, max_tiles
@@ -568,8 +569,11 @@ def gemm_fp8(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
     op = "gemm_fp8"
     _check_fwd(a_q, a_s, b_q, b_s, trans_b, out_dtype, op, grouped=False)
     _check_same_device(op, a_q, a_s, b_q, b_s)
-    fn = gemm_fp8_triton if use_triton(a_q) else gemm_fp8_ref
-    return fn(a_q, a_s, b_q, b_s, trans_b, out_dtype)
+    if not use_triton(a_q):
+        return gemm_fp8_ref(a_q, a_s, b_q, b_s, trans_b, out_dtype)
+    if trans_b and cublas.choose(a_q, "fwd", out_dtype, tuple(b_q.shape)):
+        return cublas.gemm_fwd(a_q, a_s, b_q, b_s, out_dtype)
+    return gemm_fp8_triton(a_q, a_s, b_q, b_s, trans_b, out_dtype)
 
 
 @gemm_fp8.register_fake
@@ -589,8 +593,15 @@ def grouped_gemm_fp8(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_
     _check_fwd(a_q, a_s, b_q, b_s, trans_b, out_dtype, op, grouped=True)
     _check_offs(offs, b_q.shape[0], op)
     _check_same_device(op, a_q, a_s, b_q, b_s, offs)
-    fn = grouped_gemm_fp8_triton if use_triton(a_q) else grouped_gemm_fp8_ref
-    return fn(a_q, a_s, b_q, b_s, offs, trans_b, out_dtype)
+    if not use_triton(a_q):
+        return grouped_gemm_fp8_ref(a_q, a_s, b_q, b_s, offs, trans_b, out_dtype)
+    M, K = a_q.shape
+    rows = M / max(offs.numel(), 1)
+    N = b_q.shape[1]
+    if trans_b and cublas.choose(a_q, "fwd", out_dtype, (N, K), rows * N * K,
+                                 rows * N / TILE**2):
+        return cublas.grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype)
+    return grouped_gemm_fp8_triton(a_q, a_s, b_q, b_s, offs, trans_b, out_dtype)
 
 
 @grouped_gemm_fp8.register_fake
@@ -607,8 +618,11 @@ def gemm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s:
     op = "gemm_fp8_wgrad"
     _check_wgrad(a_q, a_s, b_q, b_s, None, out_dtype, op)
     _check_same_device(op, a_q, a_s, b_q, b_s)
-    fn = gemm_fp8_wgrad_triton if use_triton(a_q) else gemm_fp8_wgrad_ref
-    return fn(a_q, a_s, b_q, b_s, out_dtype)
+    if not use_triton(a_q):
+        return gemm_fp8_wgrad_ref(a_q, a_s, b_q, b_s, out_dtype)
+    if cublas.choose(a_q, "wgrad", out_dtype, (a_q.shape[1], b_q.shape[0])):
+        return cublas.gemm_wgrad(a_q, a_s, b_q, b_s, out_dtype)
+    return gemm_fp8_wgrad_triton(a_q, a_s, b_q, b_s, out_dtype)
 
 
 @gemm_fp8_wgrad.register_fake
@@ -628,8 +642,13 @@ def grouped_gemm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tens
     _check_offs(offs, offs.numel(), op)
     _check_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, op)
     _check_same_device(op, a_q, a_s, b_q, b_s, offs)
-    fn = grouped_gemm_fp8_wgrad_triton if use_triton(a_q) else grouped_gemm_fp8_wgrad_ref
-    return fn(a_q, a_s, b_q, b_s, offs, out_dtype)
+    if not use_triton(a_q):
+        return grouped_gemm_fp8_wgrad_ref(a_q, a_s, b_q, b_s, offs, out_dtype)
+    N, P = a_q.shape
+    work = P / offs.numel() * N * b_q.shape[0]
+    if cublas.choose(a_q, "wgrad", out_dtype, (b_q.shape[0],), work):
+        return cublas.grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype)
+    return grouped_gemm_fp8_wgrad_triton(a_q, a_s, b_q, b_s, offs, out_dtype)
 
 
 @grouped_gemm_fp8_wgrad.register_fake

@@ -1,0 +1,281 @@
+"""Blockwise FP8 GEMMs through cuBLAS (torch's `_scaled_mm_v2`), dense and one call per group.
+
+cuBLAS has dense blockwise FP8 GEMMs on Hopper (1x128 x 128x128 for fprop/dgrad, 1x128 x 1x128
+for wgrad) but no grouped one. A grouped GEMM therefore runs here as one dense call per expert
+group, on slices of the operands: the same data, layouts and recipe as the Triton kernels in
+gemm.py, so the two are interchangeable behind the fp8flow ops. cuBLAS accumulates in fp32 and
+applies each 1x128 / 128x128 scale per K block, as the Triton kernels do; the results agree to
+the fp32 accumulation order (checked against the same reference in the tests).
+
+Cost and when it pays
+---------------------
+The loop needs the group ends on the host: one device -> host copy of `offs` (a sync) per call,
+and two or three launches per group. At MoE training sizes (thousands of rows per group) that is
+noise next to GEMMs of ~0.1 ms each, and cuBLAS runs them well above the Triton kernel (measured
+on the H100, DeepSeek-V3 FC1: fprop 1118 against 775 TFLOP/s, wgrad 821 against 321). With many
+small groups the launches dominate and the single Triton launch wins; `choose()` picks by the
+mean work per group. The sync also rules out CUDA-graph capture, where the Triton kernel is used.
+
+Layout rules of cuBLAS (found on the H100, torch 2.11; `tests/test_gemm_cublas.py` checks them)
+----------------------------------------------------------------------------------------------
+- A and B K-major (A row-major, B given as the transpose of a row-major [N, K]).
+- 1x128 scales column-major with packed strides (1, rows): a row slice of a bigger scale tensor
+  is refused, so each group gets its own packed copy (a few KiB).
+- The contracted dim a multiple of 16 (wgrad: a group's token count), and slices starting on
+  16-element boundaries. Groups that break this run on a zero-padded copy of their columns:
+  zero tokens add nothing to the sum, and the group's scale tiles are unchanged because 16
+  divides the 128-token tile.
+- fprop/dgrad row counts a multiple of 4, and B's 128x128 scales a multiple of 4 blocks along
+  K: a group's last m % 4 rows run on a zero-padded copy; K not a multiple of 512 stays on
+  Triton.
+
+Selection
+---------
+`FP8FLOW_GEMM=auto|triton|cublas` (environment) or `set_gemm_backend(...)`. `auto` (default)
+uses cuBLAS on CUDA devices where a probe GEMM of the same kind and output dtype runs, and for
+grouped GEMMs only when the mean group is large enough (`GROUP_WORK`); `cublas` forces it
+wherever the probe passes; `triton` never uses it. A failed probe is logged once with its reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+from ..recipe import TILE
+from .groups import cdiv
+
+log = logging.getLogger("fp8flow_compile")
+
+_BACKENDS = ("auto", "triton", "cublas")
+_backend = os.environ.get("FP8FLOW_GEMM", "auto")
+if _backend not in _BACKENDS:
+    raise ValueError(f"FP8FLOW_GEMM={_backend!r}: must be one of {_BACKENDS}")
+
+#: Elements per 16-byte access of E4M3 data: the alignment cuBLAS wants for a contracted dim.
+ALIGN = 16
+#: fprop/dgrad: cuBLAS takes row counts that are multiples of 4 (CUBLAS_STATUS_NOT_SUPPORTED
+#: for 1-3, 5-7, ... rows on the H100); the last m % 4 rows of a group go through a padded copy.
+ROW_ALIGN = 4
+#: fprop/dgrad: cuBLAS wants the 128x128 scales of B with a multiple of 4 blocks along K
+#: ("scale_b must have shape 4 x 1" for K = 128), so K must be a multiple of 4 * 128.
+K_BLOCKS = 4
+#: Mean multiply-adds per group (rows x N x K) from which `auto` loops over cuBLAS: below it the
+#: host work per group (slicing and launching, tens of microseconds) outweighs what the GPU
+#: gains. Measured on the H100 (benchmarks/moe_layer.py): DeepSeek-V3 (FC1 groups 2048 x 4096 x
+#: 7168 = 6e10) steps 51.3 -> 42.8 ms with cuBLAS; the OLMoE-like shape (64 groups of 1024 x
+#: 2048 x 2048 = 4.3e9 and 2.1e9) went 12.3 -> 21.3 ms with its wgrads on cuBLAS.
+GROUP_WORK = 1e10
+#: fprop/dgrad: fewest waves of 128x128 output tiles per group for `auto` to loop over cuBLAS.
+#: One call per group quantises each group to whole waves, where the Triton kernel fills the
+#: machine with all groups at once: at DeepSeek-V3 sizes the FC2 dgrad (2048 x 2048 outputs per
+#: group, 1.9 waves on 132 SMs) ran at 572 TFLOP/s per group against 666 in one Triton launch,
+#: while FC1 fprop (3.9 waves) ran at 929 against 713.
+WAVES = 3
+
+
+def set_gemm_backend(name: str) -> None:
+    """Pick the GEMM implementation on CUDA: 'auto' (default), 'triton' or 'cublas'."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"gemm backend {name!r}: must be one of {_BACKENDS}")
+    _backend = name
+
+
+def gemm_backend() -> str:
+    return _backend
+
+
+# ---------------------------------------------------------------- the dense calls
+
+def _recipes():
+    F = torch.nn.functional
+    return F.ScalingType.BlockWise1x128.value, F.ScalingType.BlockWise128x128.value
+
+
+def col_major(s: torch.Tensor) -> torch.Tensor:
+    """The same values with packed column-major strides (1, rows), as cuBLAS takes 1x128
+    scales."""
+    return s.t().contiguous().t()
+
+
+def dense_fwd(a_q: torch.Tensor, a_s_cm: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
+              out: torch.Tensor) -> None:
+    """out [M, N] = a [M, K] (1x128 scales, column-major) @ b [N, K]^T (128x128 blocks)."""
+    r1, r128 = _recipes()
+    torch.ops.aten._scaled_mm_v2.out(a_q, b_q.t(), [a_s_cm], [r1], [], [b_s.t()], [r128], [],
+                                     None, out.dtype, out=out)
+
+
+def dense_wgrad(a_q: torch.Tensor, a_s_cm: torch.Tensor, b_q: torch.Tensor,
+                b_s_cm: torch.Tensor, out: torch.Tensor) -> None:
+    """out [N, K] = a [N, P] @ b [K, P]^T, both with 1x128 scales along P (column-major)."""
+    r1, _ = _recipes()
+    torch.ops.aten._scaled_mm_v2.out(a_q, b_q.t(), [a_s_cm], [r1], [], [b_s_cm], [r1], [],
+                                     None, out.dtype, out=out)
+
+
+# ---------------------------------------------------------------- grouped: one call per group
+
+def _host_bounds(offs: torch.Tensor, length: int) -> list[tuple[int, int]]:
+    """[(start, end)] per group, clamped to [0, length] as the kernels clamp (one sync)."""
+    bounds, start = [], 0
+    for end in offs.tolist():
+        end = min(max(end, start), length)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    out = x.new_zeros(rows, *x.shape[1:])
+    out[:x.shape[0]] = x
+    return out
+
+
+def _pad_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
+    out = x.new_zeros(x.shape[0], cols)
+    out[:, :x.shape[1]] = x
+    return out
+
+
+def _fwd_rows(a, s, b_q, b_s, out, dense):
+    m = a.shape[0]
+    if a.shape[1] == 0:
+        out.zero_()
+        return
+    head = m - m % ROW_ALIGN
+    if head:
+        dense(a[:head], col_major(s[:head]), b_q, b_s, out[:head])
+    if head < m:  # the last m % ROW_ALIGN rows, through a zero-padded copy
+        tmp = out.new_empty(ROW_ALIGN, out.shape[1])
+        dense(_pad_rows(a[head:], ROW_ALIGN), col_major(_pad_rows(s[head:], ROW_ALIGN)), b_q,
+              b_s, tmp)
+        out[head:] = tmp[:m - head]
+
+
+def gemm_fwd(a_q, a_s, b_q, b_s, out_dtype, dense: Callable = dense_fwd):
+    """a [M, K] (1x128) @ b [N, K]^T (128x128 blocks)."""
+    out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
+    if a_q.shape[0]:
+        _fwd_rows(a_q, a_s, b_q, b_s, out, dense)
+    return out
+
+
+def gemm_wgrad(a_q, a_s, b_q, b_s, out_dtype, dense: Callable = dense_wgrad):
+    """a [N, P] @ b [K, P]^T, 1x128 scales along P (a multiple of ALIGN)."""
+    out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
+    if a_q.shape[1] == 0:
+        return out.zero_()
+    dense(a_q, col_major(a_s), b_q, col_major(b_s), out)
+    return out
+
+
+def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd):
+    """Rows of group g times b[g] (b [E, N, K], 128x128 blocks); rows past offs[-1] get 0."""
+    M = a_q.shape[0]
+    out = torch.empty(M, b_q.shape[1], dtype=out_dtype, device=a_q.device)
+    end = 0
+    for g, (start, end) in enumerate(_host_bounds(offs, M)):
+        if end > start:
+            _fwd_rows(a_q[start:end], a_s[start:end], b_q[g], b_s[g], out[start:end], dense)
+    if end < M:
+        out[end:].zero_()
+    return out
+
+
+def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_wgrad):
+    """dW[g] = a[:, group g] @ b[:, group g]^T from the column-wise forms (token tiles restart
+    at each group start, see kernels.groups); empty groups give zeros."""
+    N, P = a_q.shape
+    K = b_q.shape[0]
+    bounds = _host_bounds(offs, P)
+    out = torch.empty(len(bounds), N, K, dtype=out_dtype, device=a_q.device)
+    # One transposed copy of each scale tensor: a group's tiles are then a contiguous row range,
+    # whose transpose has the packed column-major strides cuBLAS takes.
+    a_sT, b_sT = a_s.t().contiguous(), b_s.t().contiguous()
+    slot = 0
+    for g, (start, end) in enumerate(bounds):
+        n = end - start
+        if n == 0:
+            out[g].zero_()
+            continue
+        nt = cdiv(n, TILE)
+        sa, sb = a_sT[slot:slot + nt].t(), b_sT[slot:slot + nt].t()
+        a, b = a_q[:, start:end], b_q[:, start:end]
+        if start % ALIGN or n % ALIGN:
+            width = cdiv(n, ALIGN) * ALIGN  # <= nt * TILE: the scale tiles still cover it
+            a, b = _pad_cols(a, width), _pad_cols(b, width)
+        dense(a, sa, b, sb, out[g])
+        slot += nt
+    return out
+
+
+# ---------------------------------------------------------------- when to use it
+
+@functools.cache
+def _probe(device_index: int, kind: str, out_dtype: torch.dtype) -> str | None:
+    """None if a small GEMM of this kind runs through cuBLAS on the device, else the reason."""
+    dev = torch.device("cuda", device_index)
+    major, _ = torch.cuda.get_device_capability(dev)
+    if major != 9:
+        return f"cuBLAS blockwise FP8 is used on Hopper (sm90) only, this device is sm{major}x"
+    if not hasattr(torch.nn.functional, "ScalingType") or \
+            not hasattr(torch.ops.aten, "_scaled_mm_v2"):
+        return f"torch {torch.__version__} has no F.scaled_mm blockwise scaling"
+    try:
+        fp8 = torch.float8_e4m3fn
+        a = torch.ones(ALIGN, TILE, dtype=fp8, device=dev)
+        s = col_major(torch.ones(ALIGN, 1, device=dev))
+        if kind == "fwd":
+            a = torch.ones(ALIGN, K_BLOCKS * TILE, dtype=fp8, device=dev)
+            s = col_major(torch.ones(ALIGN, K_BLOCKS, device=dev))
+            out = torch.empty(ALIGN, TILE, dtype=out_dtype, device=dev)
+            dense_fwd(a, s, torch.ones(TILE, K_BLOCKS * TILE, dtype=fp8, device=dev),
+                      torch.ones(1, K_BLOCKS, device=dev), out)
+        else:
+            out = torch.empty(ALIGN, ALIGN, dtype=out_dtype, device=dev)
+            dense_wgrad(a, s, a, s, out)
+        torch.cuda.synchronize(dev)
+    except (RuntimeError, ValueError, TypeError) as e:  # what torch raises for unsupported
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+def choose(a_q: torch.Tensor, kind: str, out_dtype: torch.dtype, dims: tuple[int, ...],
+           group_work: float | None = None, group_tiles: float | None = None) -> bool:
+    """True when this GEMM should run through cuBLAS. kind 'fwd' (fprop/dgrad) or 'wgrad';
+    dims: the sizes cuBLAS needs in multiples of ALIGN (fwd: B's (N, K), K also a multiple of
+    K_BLOCKS * 128; wgrad: the output columns, and a dense wgrad's tokens);
+    group_work: mean multiply-adds per group for grouped GEMMs (None for dense);
+    group_tiles: mean 128x128 output tiles per group of a grouped fprop/dgrad."""
+    if _backend == "triton" or not a_q.is_cuda or any(d % ALIGN for d in dims):
+        return False
+    if kind == "fwd" and dims[-1] % (K_BLOCKS * TILE):
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return False  # the grouped loop reads offs on the host; the probe synchronises
+    if _backend == "auto" and group_work is not None:
+        if group_work < GROUP_WORK:
+            return False
+        if group_tiles is not None and group_tiles < WAVES * _sms(a_q.device):
+            return False
+    why = _probe(a_q.device.index or 0, kind, out_dtype)
+    if why is not None:
+        _warn_once(kind, out_dtype, why)
+        return False
+    return True
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _warn_once(kind, out_dtype, why):
+    log.warning("fp8flow: %s GEMMs (%s output) use the Triton kernels: %s", kind, out_dtype, why)
