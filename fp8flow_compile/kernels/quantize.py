@@ -185,8 +185,7 @@ def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NB, KB,
     finite = tl.abs(x) < float("inf")
     amax = tl.max(tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1), axis=0)
     ex = fm.scale_exponent(amax)
-    r = fm.round_e4m3(tl.where(finite, x, 0.0) * fm.exp2i(-ex))
-    byte = fm.e4m3_bits(r, ~finite).to(tl.uint8)
+    byte = fm.encode_e4m3(tl.where(finite, x, 0.0) * fm.exp2i(-ex), finite).to(tl.uint8)
     tl.store(q_ptr + offs, byte, mask=mask)
     tl.store(s_ptr + (e * NB + nb) * KB + kb, fm.exp2i(ex))
     if DUAL:
