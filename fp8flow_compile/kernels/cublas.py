@@ -143,26 +143,28 @@ def _pad_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
     return out
 
 
-def _fwd_rows(a, s, b_q, b_s, out, dense):
+def _fwd_rows(a, s_cm, b_q, b_s, out, dense):
+    """Rows of one group: s_cm the group's packed column-major scales."""
     m = a.shape[0]
-    if a.shape[1] == 0:
-        out.zero_()
-        return
     head = m - m % ROW_ALIGN
+    if head == m:
+        dense(a, s_cm, b_q, b_s, out)
+        return
     if head:
-        dense(a[:head], col_major(s[:head]), b_q, b_s, out[:head])
-    if head < m:  # the last m % ROW_ALIGN rows, through a zero-padded copy
-        tmp = out.new_empty(ROW_ALIGN, out.shape[1])
-        dense(_pad_rows(a[head:], ROW_ALIGN), col_major(_pad_rows(s[head:], ROW_ALIGN)), b_q,
-              b_s, tmp)
-        out[head:] = tmp[:m - head]
+        dense(a[:head], col_major(s_cm[:head]), b_q, b_s, out[:head])
+    # the last m % ROW_ALIGN rows, through a zero-padded copy
+    tmp = out.new_empty(ROW_ALIGN, out.shape[1])
+    dense(_pad_rows(a[head:], ROW_ALIGN), col_major(_pad_rows(s_cm[head:], ROW_ALIGN)), b_q,
+          b_s, tmp)
+    out[head:] = tmp[:m - head]
 
 
 def gemm_fwd(a_q, a_s, b_q, b_s, out_dtype, dense: Callable = dense_fwd):
     """a [M, K] (1x128) @ b [N, K]^T (128x128 blocks)."""
     out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
-    if a_q.shape[0]:
-        _fwd_rows(a_q, a_s, b_q, b_s, out, dense)
+    if a_q.shape[0] == 0 or a_q.shape[1] == 0:
+        return out.zero_()
+    _fwd_rows(a_q, col_major(a_s), b_q, b_s, out, dense)
     return out
 
 
@@ -175,16 +177,45 @@ def gemm_wgrad(a_q, a_s, b_q, b_s, out_dtype, dense: Callable = dense_wgrad):
     return out
 
 
+def _pack_group_scales(a_s: torch.Tensor, offs: torch.Tensor,
+                       bounds: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Each group's rows of the 1x128 scales [M, KB] as a packed column-major [m, KB] view, all
+    written by one scatter instead of a copy per group (host time is what limits the loop).
+    The group table is rebuilt on the device from offs, as _host_bounds builds it."""
+    M, KB = a_s.shape
+    used = bounds[-1][1]
+    dev = a_s.device
+    ends = offs.to(torch.int64).clamp(min=0).cummax(0).values.clamp(max=M)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    sizes = ends - starts
+    g = torch.repeat_interleave(torch.arange(offs.numel(), device=dev), sizes, output_size=used)
+    rows = torch.arange(used, device=dev)
+    # group g occupies [start*KB, end*KB) of the buffer as a row-major [KB, m] block
+    dest = (starts[g] * (KB - 1) + rows)[:, None] + \
+        torch.arange(KB, device=dev)[None, :] * sizes[g][:, None]
+    buf = a_s.new_empty(used * KB)
+    buf[dest.reshape(-1)] = a_s[:used].reshape(-1)
+    return [buf[s * KB:e * KB].view(KB, e - s).t() for s, e in bounds]
+
+
 def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd):
     """Rows of group g times b[g] (b [E, N, K], 128x128 blocks); rows past offs[-1] get 0."""
     M = a_q.shape[0]
     out = torch.empty(M, b_q.shape[1], dtype=out_dtype, device=a_q.device)
-    end = 0
-    for g, (start, end) in enumerate(_host_bounds(offs, M)):
-        if end > start:
-            _fwd_rows(a_q[start:end], a_s[start:end], b_q[g], b_s[g], out[start:end], dense)
-    if end < M:
-        out[end:].zero_()
+    bounds = _host_bounds(offs, M)
+    used = bounds[-1][1]
+    if used < M:
+        out[used:].zero_()
+    if used == 0 or a_q.shape[1] == 0:
+        return out.zero_() if a_q.shape[1] == 0 else out
+    scales = _pack_group_scales(a_s, offs, bounds)
+    sizes = [e - s for s, e in bounds]
+    # views made in bulk (one call each) rather than sliced per group
+    a_g = a_q[:used].split(sizes)
+    o_g = out[:used].split(sizes)
+    for g, (m, b, bs) in enumerate(zip(sizes, b_q.unbind(0), b_s.unbind(0))):
+        if m:
+            _fwd_rows(a_g[g], scales[g], b, bs, o_g[g], dense)
     return out
 
 
@@ -195,23 +226,25 @@ def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_w
     K = b_q.shape[0]
     bounds = _host_bounds(offs, P)
     out = torch.empty(len(bounds), N, K, dtype=out_dtype, device=a_q.device)
-    # One transposed copy of each scale tensor: a group's tiles are then a contiguous row range,
-    # whose transpose has the packed column-major strides cuBLAS takes.
-    a_sT, b_sT = a_s.t().contiguous(), b_s.t().contiguous()
-    slot = 0
-    for g, (start, end) in enumerate(bounds):
-        n = end - start
+    sizes = [e - s for s, e in bounds]
+    tiles = [cdiv(n, TILE) for n in sizes]
+    used, nt = bounds[-1][1], sum(tiles)
+    # One transposed copy of each scale tensor: a group's tiles are then a column range of the
+    # (N, T) view with strides (1, N), the packed column-major form cuBLAS takes.
+    sa = a_s.t().contiguous().t()[:, :nt].split(tiles, dim=1)
+    sb = b_s.t().contiguous().t()[:, :nt].split(tiles, dim=1)
+    a_g = a_q[:, :used].split(sizes, dim=1)
+    b_g = b_q[:, :used].split(sizes, dim=1)
+    o_g = out.unbind(0)
+    for g, (start, n) in enumerate(zip((s for s, _ in bounds), sizes)):
         if n == 0:
-            out[g].zero_()
+            o_g[g].zero_()
             continue
-        nt = cdiv(n, TILE)
-        sa, sb = a_sT[slot:slot + nt].t(), b_sT[slot:slot + nt].t()
-        a, b = a_q[:, start:end], b_q[:, start:end]
+        a, b = a_g[g], b_g[g]
         if start % ALIGN or n % ALIGN:
-            width = cdiv(n, ALIGN) * ALIGN  # <= nt * TILE: the scale tiles still cover it
+            width = cdiv(n, ALIGN) * ALIGN  # <= tiles * TILE: the scale tiles still cover it
             a, b = _pad_cols(a, width), _pad_cols(b, width)
-        dense(a, sa, b, sb, out[g])
-        slot += nt
+        dense(a, sa[g], b, sb[g], o_g[g])
     return out
 
 

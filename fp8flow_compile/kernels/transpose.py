@@ -118,8 +118,7 @@ def shift_e4m3(byte, k):
 
 @triton.jit
 def _transpose_kernel(q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, G, M, K, KB, T,
-                      TILE_: tl.constexpr, GROUPED: tl.constexpr, G_BLOCK: tl.constexpr,
-                      ALIGN: tl.constexpr):
+                      TILE_: tl.constexpr, GROUPED: tl.constexpr, G_BLOCK: tl.constexpr):
     # One program per (tile slot t, column block kb): reads q[start:end, block] and s[rows, kb],
     # writes qT[block, start:end] and sT[block, t]. The rows past offs[-1] come as slots of
     # their own that read nothing: zero bytes, scale 1.
@@ -142,17 +141,7 @@ def _transpose_kernel(q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, G, M, K, KB, T,
     # Narrow to bytes before the transpose: the layout change goes through shared memory, and
     # int32 would move four times the bytes.
     out = tl.trans(shift_e4m3(byte, k[:, None]).to(tl.uint8))
-    if start % ALIGN == 0:
-        # A tile starting on an ALIGN-row boundary (every tile of groups sized in multiples of
-        # ALIGN): the hint on a fresh value lets the compiler write 16-byte vectors instead of
-        # single bytes. It must not touch `start` itself, or it would leak into the other branch.
-        first = tl.multiple_of((start // ALIGN) * ALIGN, ALIGN)
-        arows = first + tl.arange(0, TILE_)
-        tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + arows[None, :], out,
-                 mask=(arows < end)[None, :] & (arows < M)[None, :])
-    else:
-        tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], out,
-                 mask=rmask[None, :])
+    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], out, mask=rmask[None, :])
     sc = (sc_ex << 23).to(tl.float32, bitcast=True)
     tl.store(st_ptr + cols.to(tl.int64) * T + t, sc + tl.zeros([TILE_], tl.float32))
 
@@ -172,7 +161,7 @@ def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
     if T and KB:
         _transpose_kernel[(T, KB)](q.view(torch.uint8), s, qT.view(torch.uint8), sT, og, G,
                                    M, K, KB, T, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb,
-                                   ALIGN=16, num_warps=num_warps)
+                                   num_warps=num_warps)
     return qT, sT
 
 
