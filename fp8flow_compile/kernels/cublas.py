@@ -10,24 +10,27 @@ the fp32 accumulation order (checked against the same reference in the tests).
 Cost and when it pays
 ---------------------
 The loop needs the group ends on the host: one device -> host copy of `offs` (a sync) per call,
-and two or three launches per group. At MoE training sizes (thousands of rows per group) that is
-noise next to GEMMs of ~0.1 ms each, and cuBLAS runs them well above the Triton kernel (measured
-on the H100, DeepSeek-V3 FC1: fprop 1118 against 775 TFLOP/s, wgrad 821 against 321). With many
-small groups the launches dominate and the single Triton launch wins; `choose()` picks by the
-mean work per group. The sync also rules out CUDA-graph capture, where the Triton kernel is used.
+then a few launches per group. On the GPU the per-group GEMMs run at cuBLAS's dense rate (H100,
+DeepSeek-V3 shard: 1250 TFLOP/s for fprop/dgrad, 946 for wgrad, against 680-715 and 300-333 for
+the Triton kernel), but each group also costs tens of microseconds of host time (Python, views,
+cuBLASLt set-up), about as long as one group's GEMM there: in the layer benchmark the GPU sat idle
+for about 8.5 of 39.6 ms per step. With many small groups the host time dominates and the single
+Triton launch wins; `choose()` picks by the mean work per group. The sync also rules out
+CUDA-graph capture, where the Triton kernel is used.
 
-Layout rules of cuBLAS (found on the H100, torch 2.11; `tests/test_gemm_cublas.py` checks them)
+Layout rules of cuBLAS (found on the H100, torch 2.11; tests/test_gemm.py runs the loop on CPU
+against a stand-in that asserts them, and on the GPU against cuBLAS itself)
 ----------------------------------------------------------------------------------------------
 - A and B K-major (A row-major, B given as the transpose of a row-major [N, K]).
 - 1x128 scales column-major with packed strides (1, rows): a row slice of a bigger scale tensor
-  is refused, so each group gets its own packed copy (a few KiB).
+  is refused, so the groups' scales are repacked (one scatter for all groups).
 - The contracted dim a multiple of 16 (wgrad: a group's token count), and slices starting on
   16-element boundaries. Groups that break this run on a zero-padded copy of their columns:
   zero tokens add nothing to the sum, and the group's scale tiles are unchanged because 16
   divides the 128-token tile.
 - fprop/dgrad row counts a multiple of 4, and B's 128x128 scales a multiple of 4 blocks along
   K: a group's last m % 4 rows run on a zero-padded copy; K not a multiple of 512 stays on
-  Triton.
+  Triton. The output dims (N; for wgrad also the rows of A) multiples of 16, else Triton.
 
 Selection
 ---------
@@ -282,8 +285,8 @@ def _probe(device_index: int, kind: str, out_dtype: torch.dtype) -> str | None:
 def choose(a_q: torch.Tensor, kind: str, out_dtype: torch.dtype, dims: tuple[int, ...],
            group_work: float | None = None, group_tiles: float | None = None) -> bool:
     """True when this GEMM should run through cuBLAS. kind 'fwd' (fprop/dgrad) or 'wgrad';
-    dims: the sizes cuBLAS needs in multiples of ALIGN (fwd: B's (N, K), K also a multiple of
-    K_BLOCKS * 128; wgrad: the output columns, and a dense wgrad's tokens);
+    dims: the sizes cuBLAS needs in multiples of ALIGN (fwd: B's (N, K), K last and also a
+    multiple of K_BLOCKS * 128; wgrad: both output dims, and a dense wgrad's tokens);
     group_work: mean multiply-adds per group for grouped GEMMs (None for dense);
     group_tiles: mean 128x128 output tiles per group of a grouped fprop/dgrad."""
     if _backend == "triton" or not a_q.is_cuda or any(d % ALIGN for d in dims):

@@ -620,7 +620,7 @@ def gemm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s:
     _check_same_device(op, a_q, a_s, b_q, b_s)
     if not use_triton(a_q):
         return gemm_fp8_wgrad_ref(a_q, a_s, b_q, b_s, out_dtype)
-    if cublas.choose(a_q, "wgrad", out_dtype, (a_q.shape[1], b_q.shape[0])):
+    if cublas.choose(a_q, "wgrad", out_dtype, (a_q.shape[1], a_q.shape[0], b_q.shape[0])):
         return cublas.gemm_wgrad(a_q, a_s, b_q, b_s, out_dtype)
     return gemm_fp8_wgrad_triton(a_q, a_s, b_q, b_s, out_dtype)
 
@@ -646,7 +646,7 @@ def grouped_gemm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tens
         return grouped_gemm_fp8_wgrad_ref(a_q, a_s, b_q, b_s, offs, out_dtype)
     N, P = a_q.shape
     work = P / offs.numel() * N * b_q.shape[0]
-    if cublas.choose(a_q, "wgrad", out_dtype, (b_q.shape[0],), work):
+    if cublas.choose(a_q, "wgrad", out_dtype, (N, b_q.shape[0]), work):
         return cublas.grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype)
     return grouped_gemm_fp8_wgrad_triton(a_q, a_s, b_q, b_s, offs, out_dtype)
 
