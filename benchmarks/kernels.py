@@ -50,18 +50,14 @@ def gemm_row(name, fn, flops, peer_tflops, check):
     return tf
 
 
-def col_major(s):
-    return s.t().contiguous().t()
-
-
 def cublas_blockwise(a_q, a_s, b_q, b_s, kind):
     """cuBLAS blockwise FP8 GEMM through F.scaled_mm. kind 'fwd': b is a [N, K] weight with
     128x128 scales; 'wgrad': b is [N, K] with 1x128 scales along K (both operands K-major)."""
     ST = F.ScalingType
     if kind == "fwd":
-        return F.scaled_mm(a_q, b_q.t(), col_major(a_s), ST.BlockWise1x128, b_s.t(),
+        return F.scaled_mm(a_q, b_q.t(), CB.col_major(a_s), ST.BlockWise1x128, b_s.t(),
                            ST.BlockWise128x128, output_dtype=torch.bfloat16)
-    return F.scaled_mm(a_q, b_q.t(), col_major(a_s), ST.BlockWise1x128, col_major(b_s),
+    return F.scaled_mm(a_q, b_q.t(), CB.col_major(a_s), ST.BlockWise1x128, CB.col_major(b_s),
                        ST.BlockWise1x128, output_dtype=torch.bfloat16)
 
 

@@ -205,12 +205,13 @@ def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd
     """Rows of group g times b[g] (b [E, N, K], 128x128 blocks); rows past offs[-1] get 0."""
     M = a_q.shape[0]
     out = torch.empty(M, b_q.shape[1], dtype=out_dtype, device=a_q.device)
+    if a_q.shape[1] == 0:
+        return out.zero_()
     bounds = _host_bounds(offs, M)
     used = bounds[-1][1]
-    if used < M:
-        out[used:].zero_()
-    if used == 0 or a_q.shape[1] == 0:
-        return out.zero_() if a_q.shape[1] == 0 else out
+    out[used:].zero_()
+    if used == 0:
+        return out
     scales = _pack_group_scales(a_s, offs, bounds)
     sizes = [e - s for s, e in bounds]
     # views made in bulk (one call each) rather than sliced per group
@@ -265,14 +266,13 @@ def _probe(device_index: int, kind: str, out_dtype: torch.dtype) -> str | None:
         return f"torch {torch.__version__} has no F.scaled_mm blockwise scaling"
     try:
         fp8 = torch.float8_e4m3fn
-        a = torch.ones(ALIGN, TILE, dtype=fp8, device=dev)
-        s = col_major(torch.ones(ALIGN, 1, device=dev))
+        kb = K_BLOCKS if kind == "fwd" else 1
+        a = torch.ones(ALIGN, kb * TILE, dtype=fp8, device=dev)
+        s = col_major(torch.ones(ALIGN, kb, device=dev))
         if kind == "fwd":
-            a = torch.ones(ALIGN, K_BLOCKS * TILE, dtype=fp8, device=dev)
-            s = col_major(torch.ones(ALIGN, K_BLOCKS, device=dev))
             out = torch.empty(ALIGN, TILE, dtype=out_dtype, device=dev)
-            dense_fwd(a, s, torch.ones(TILE, K_BLOCKS * TILE, dtype=fp8, device=dev),
-                      torch.ones(1, K_BLOCKS, device=dev), out)
+            dense_fwd(a, s, torch.ones(TILE, kb * TILE, dtype=fp8, device=dev),
+                      torch.ones(1, kb, device=dev), out)
         else:
             out = torch.empty(ALIGN, ALIGN, dtype=out_dtype, device=dev)
             dense_wgrad(a, s, a, s, out)

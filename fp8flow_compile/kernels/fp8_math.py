@@ -114,3 +114,12 @@ def encode_e4m3(y, finite):
         b = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
         return tl.where(finite, b, 0x7F)
     return e4m3_bits(round_e4m3(y), ~finite)
+
+
+@triton.jit
+def store_quantized_rows(x, q_ptrs, s_ptrs, mask, rmask):
+    """Quantize an fp32 tile with one scale per row (1x128 along its columns) and store the
+    bytes at q_ptrs (an E4M3 tensor seen as uint8) and the row scales at s_ptrs."""
+    byte, scale = quantize_tile(x, 1)
+    tl.store(q_ptrs, byte.to(tl.uint8), mask=mask)
+    tl.store(s_ptrs, scale, mask=rmask)

@@ -126,9 +126,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, offs_ptr, G, R, C, T,
     mask = rmask[:, None] & (cols < end)[None, :]
     offs = rows[:, None].to(tl.int64) * C + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask & live, other=0.0).to(tl.float32)
-    byte, scale = fm.quantize_tile(x, 1)
-    tl.store(q_ptr + offs, byte.to(tl.uint8), mask=mask)
-    tl.store(s_ptr + rows.to(tl.int64) * T + t, scale, mask=rmask)
+    fm.store_quantized_rows(x, q_ptr + offs, s_ptr + rows.to(tl.int64) * T + t, mask, rmask)
 
 
 @triton.jit

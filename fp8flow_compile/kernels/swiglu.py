@@ -128,9 +128,7 @@ def _swiglu_quant_kernel(h_ptr, p_ptr, q_ptr, s_ptr, v_ptr, P, half, T,
     y_offs = rows[:, None].to(tl.int64) * half + cols[None, :]
     if STORE_VALUE:
         tl.store(v_ptr + y_offs, y, mask=mask)
-    byte, scale = fm.quantize_tile(y, 1)
-    tl.store(q_ptr + y_offs, byte.to(tl.uint8), mask=mask)
-    tl.store(s_ptr + rows.to(tl.int64) * T + t, scale, mask=rmask)
+    fm.store_quantized_rows(y, q_ptr + y_offs, s_ptr + rows.to(tl.int64) * T + t, mask, rmask)
 
 
 @triton.jit
@@ -167,12 +165,9 @@ def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, p_ptr, q_ptr, s_ptr, dp_ptr, v_ptr, 
         if STORE_VALUE:
             tl.store(v_ptr + h_offs, d_gate, mask=mask)
             tl.store(v_ptr + h_offs + half, d_up, mask=mask)
-        byte, scale = fm.quantize_tile(d_gate, 1)
-        tl.store(q_ptr + h_offs, byte.to(tl.uint8), mask=mask)
-        tl.store(s_ptr + rows64 * (2 * T) + t, scale, mask=rmask)
-        byte, scale = fm.quantize_tile(d_up, 1)
-        tl.store(q_ptr + h_offs + half, byte.to(tl.uint8), mask=mask)
-        tl.store(s_ptr + rows64 * (2 * T) + T + t, scale, mask=rmask)
+        s_row = s_ptr + rows64 * (2 * T) + t
+        fm.store_quantized_rows(d_gate, q_ptr + h_offs, s_row, mask, rmask)
+        fm.store_quantized_rows(d_up, q_ptr + h_offs + half, s_row + T, mask, rmask)
     if HAS_PROBS:
         tl.store(dp_ptr + rows, acc, mask=rmask)
 
