@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from . import passes
-from .passes.graph import Ctx
+from .passes.graph import Ctx, size_hint
 from .recipe import DEFAULT
 from .report import GraphRecord, Report
 
@@ -83,7 +83,7 @@ def _saved_bytes(joint: fx.GraphModule, num_fwd_outputs: int,
             continue
         res = weights if from_weights.get(n) else acts
         key = str(v.dtype).replace("torch.", "")
-        res[key] = res.get(key, 0) + _hint(v.numel()) * v.element_size()
+        res[key] = res.get(key, 0) + size_hint(v.numel()) * v.element_size()
     return acts, weights
 
 
@@ -96,21 +96,6 @@ def _view_of_input(n: fx.Node) -> bool:
     while n.op == "call_function" and getattr(n.target, "_opname", None) in _VIEWS:
         n = n.args[0]
     return n.op == "placeholder"
-
-
-def _hint(n) -> int:
-    """A size as an int: dynamic shapes give a SymInt, counted at the size it was traced with."""
-    if isinstance(n, int):
-        return n
-    import torch.fx.experimental.symbolic_shapes as sym
-    for name in ("hint_int", "optimization_hint"):  # the name differs across torch versions
-        fn = getattr(sym, name, None)
-        if fn is not None:
-            try:
-                return int(fn(n))
-            except Exception:
-                pass
-    return int(n.node.hint)
 
 
 def _num_fwd_outputs(gm: fx.GraphModule) -> int:

@@ -437,12 +437,17 @@ def test_cublas_grouped_loop_matches_reference(case):
     bq, bs = Q.quantize_128x128_ref(rnd((E, 96, 512), 51, "normal"))
     y = CB.grouped_fwd(aq, as_, bq, bs, offs, BF16, dense=strict_dense_fwd)
     assert torch.equal(y, G.grouped_gemm_fp8_ref(aq, as_, bq, bs, offs, True, BF16))
+    y2 = CB.grouped_fwd(aq, as_, bq, bs, offs, BF16, dense=strict_dense_fwd,
+                        offs_host=offs.clone())
+    assert torch.equal(y2, y)
 
     ta = Q.quantize_1x128_col_ref(rnd((P, 64), 52), offs)
     tb = Q.quantize_1x128_col_ref(rnd((P, 160), 53), offs)
     for out_dtype in (F32, BF16):
         dw = CB.grouped_wgrad(*ta, *tb, offs, out_dtype, dense=strict_dense_wgrad)
         ref = G.grouped_gemm_fp8_wgrad_ref(*ta, *tb, offs, out_dtype)
+        assert torch.equal(CB.grouped_wgrad(*ta, *tb, offs, out_dtype, dense=strict_dense_wgrad,
+                                            offs_host=offs.clone()), dw)
         # Same dequantized operands and float32 matmuls; the padded columns only add zeros, but
         # a matmul of another width may sum in another order: fp32 accumulation bound.
         a64, b64 = deq_rows(*ta, offs), deq_rows(*tb, offs)
@@ -475,6 +480,16 @@ def test_cublas_selection_rules():
         CB.set_gemm_backend("cutlass")
     assert CB._host_bounds(torch.tensor([5, 3, 9, 20], dtype=torch.int32), 12) == \
         [(0, 5), (5, 5), (5, 9), (9, 12)]
+    # given a host copy, the bounds come from it (the device offs is not read)
+    assert CB._host_bounds(torch.tensor([0, 0], dtype=torch.int32), 12,
+                           torch.tensor([4, 8], dtype=torch.int32)) == [(0, 4), (4, 8)]
+    # the static part: shapes and backend, as the passes ask it at compile time
+    cuda = torch.device("cuda")
+    assert not CB.may_choose(torch.device("cpu"), "fwd", (128, 512))
+    assert not CB.may_choose(cuda, "fwd", (128, 256))  # K not a multiple of 4 x 128
+    assert not CB.may_choose(cuda, "wgrad", (120, 512))  # output dim off the 16 alignment
+    assert not CB.may_choose(cuda, "wgrad", (128, 512), CB.GROUP_WORK / 2)  # small groups
+    assert CB.may_choose(cuda, "wgrad", (128, 512), CB.GROUP_WORK)
 
 
 # ---------------------------------------------------------------- custom ops: checks and fakes
@@ -499,6 +514,13 @@ def test_custom_ops_match_reference_and_fake():
     da = Q.quantize_1x128_col_ref(rnd((40, 64), 27))
     db = Q.quantize_1x128_col_ref(rnd((40, 96), 28))
     cases.append((ops.gemm_fp8_wgrad, (*da, *db, F32), G.gemm_fp8_wgrad_ref))
+    oh = offs.clone()
+    cases += [  # with the host copy of offs, which the references do not take
+        (ops.grouped_gemm_fp8, (aq, as_, bq, bs, offs, True, BF16, oh),
+         lambda *a: G.grouped_gemm_fp8_ref(*a[:-1])),
+        (ops.grouped_gemm_fp8_wgrad, (*wa, *wb, offs, F32, oh),
+         lambda *a: G.grouped_gemm_fp8_wgrad_ref(*a[:-1])),
+        (ops.offsets_to_host, (offs,), lambda o: o)]
     for op, args, ref in cases:
         assert torch.equal(op(*args), ref(*args))
         # test_schema needs arithmetic torch lacks for float8 on CPU; the fakes are what
@@ -525,6 +547,8 @@ def _bad(aq, as_, bq, bs, offs, wa, wb):
         (lambda: ops.grouped_gemm_fp8(aq, as_, bq, bs, offs.long(), True, BF16), "offs"),
         (lambda: ops.grouped_gemm_fp8(aq, as_, bq, bs, offs[:1], True, BF16),
          "one end per group"),
+        (lambda: ops.grouped_gemm_fp8(aq, as_, bq, bs, offs, True, BF16, offs[:1]),
+         "offs_host must be a CPU copy"),
         (lambda: ops.grouped_gemm_fp8_wgrad(wa[0], wa[1], wb[0][:, :30].contiguous(), wb[1],
                                             offs, F32), "token dim"),
         (lambda: ops.gemm_fp8_wgrad(*wa, *wb, F32), "scales must have shape"),
@@ -604,11 +628,15 @@ def test_gpu_grouped_fprop_dgrad_wgrad(gemm_backend, sizes):
             check_gpu(dx_t[start:end], dyq[start:end], wq[g])
         start = end
     assert (y[start:] == 0).all() and (dx[start:] == 0).all() and (dx_t[start:] == 0).all()
+    # with the host copy of offs the compiled graph hands over: the same bytes
+    oh = offs.clone()
+    assert torch.equal(ops.grouped_gemm_fp8(*cu(aq, as_, bq, bs, offs), True, BF16, oh), y)
 
     ta, tb = Q.quantize_1x128_col_ref(dy, offs), Q.quantize_1x128_col_ref(x, offs)
     a64, b64 = deq_rows(*ta, offs), deq_rows(*tb, offs)
     for out_dtype in (F32, BF16):
         dw = ops.grouped_gemm_fp8_wgrad(*cu(*ta, *tb, offs), out_dtype)
+        assert torch.equal(ops.grouped_gemm_fp8_wgrad(*cu(*ta, *tb, offs), out_dtype, oh), dw)
         start = 0
         for g, end in enumerate(offs.tolist()):
             if end > start:

@@ -9,8 +9,10 @@ the fp32 accumulation order (checked against the same reference in the tests).
 
 Cost and when it pays
 ---------------------
-The loop needs the group ends on the host: one device -> host copy of `offs` (a sync) per call,
-then a few launches per group. On the GPU the per-group GEMMs run at cuBLAS's dense rate (H100,
+The loop needs the group ends on the host. The compiled graph copies `offs` to the host once
+(`fp8flow::offsets_to_host`, one sync per step, placed where offs is made) and hands the copy to
+every grouped GEMM of the step, forward and backward; called without it, each call copies offs
+itself (a sync per call). Then come a few launches per group. On the GPU the per-group GEMMs run at cuBLAS's dense rate (H100,
 DeepSeek-V3 shard: 1250 TFLOP/s for fprop/dgrad, 946 for wgrad, against 680-715 and 300-333 for
 the Triton kernel), but each group also costs tens of microseconds of host time (Python, views,
 cuBLASLt set-up), about as long as one group's GEMM there: in the layer benchmark the GPU sat idle
@@ -124,10 +126,12 @@ def dense_wgrad(a_q: torch.Tensor, a_s_cm: torch.Tensor, b_q: torch.Tensor,
 
 # ---------------------------------------------------------------- grouped: one call per group
 
-def _host_bounds(offs: torch.Tensor, length: int) -> list[tuple[int, int]]:
-    """[(start, end)] per group, clamped to [0, length] as the kernels clamp (one sync)."""
+def _host_bounds(offs: torch.Tensor, length: int, offs_host: torch.Tensor | None = None
+                 ) -> list[tuple[int, int]]:
+    """[(start, end)] per group, clamped to [0, length] as the kernels clamp. Reads `offs_host`
+    (a CPU copy of offs) when given, else copies offs to the host (a sync)."""
     bounds, start = [], 0
-    for end in offs.tolist():
+    for end in (offs if offs_host is None else offs_host).tolist():
         end = min(max(end, start), length)
         bounds.append((start, end))
         start = end
@@ -201,13 +205,14 @@ def _pack_group_scales(a_s: torch.Tensor, offs: torch.Tensor,
     return [buf[s * KB:e * KB].view(KB, e - s).t() for s, e in bounds]
 
 
-def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd):
+def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd,
+                offs_host: torch.Tensor | None = None):
     """Rows of group g times b[g] (b [E, N, K], 128x128 blocks); rows past offs[-1] get 0."""
     M = a_q.shape[0]
     out = torch.empty(M, b_q.shape[1], dtype=out_dtype, device=a_q.device)
     if a_q.shape[1] == 0:
         return out.zero_()
-    bounds = _host_bounds(offs, M)
+    bounds = _host_bounds(offs, M, offs_host)
     used = bounds[-1][1]
     out[used:].zero_()
     if used == 0:
@@ -223,12 +228,13 @@ def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd
     return out
 
 
-def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_wgrad):
+def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_wgrad,
+                  offs_host: torch.Tensor | None = None):
     """dW[g] = a[:, group g] @ b[:, group g]^T from the column-wise forms (token tiles restart
     at each group start, see kernels.groups); empty groups give zeros."""
     N, P = a_q.shape
     K = b_q.shape[0]
-    bounds = _host_bounds(offs, P)
+    bounds = _host_bounds(offs, P, offs_host)
     out = torch.empty(len(bounds), N, K, dtype=out_dtype, device=a_q.device)
     sizes = [e - s for s, e in bounds]
     tiles = [cdiv(n, TILE) for n in sizes]
@@ -282,6 +288,23 @@ def _probe(device_index: int, kind: str, out_dtype: torch.dtype) -> str | None:
     return None
 
 
+def may_choose(device: torch.device, kind: str, dims: tuple[int, ...],
+               group_work: float | None = None, group_tiles: float | None = None) -> bool:
+    """The part of `choose` that shapes and the backend setting decide, without running
+    anything on the device: the passes ask it at compile time whether a grouped GEMM may need
+    its group ends on the host."""
+    if _backend == "triton" or device.type != "cuda" or any(d % ALIGN for d in dims):
+        return False
+    if kind == "fwd" and dims[-1] % (K_BLOCKS * TILE):
+        return False
+    if _backend == "auto" and group_work is not None:
+        if group_work < GROUP_WORK:
+            return False
+        if group_tiles is not None and group_tiles < WAVES * _sms(device):
+            return False
+    return True
+
+
 def choose(a_q: torch.Tensor, kind: str, out_dtype: torch.dtype, dims: tuple[int, ...],
            group_work: float | None = None, group_tiles: float | None = None) -> bool:
     """True when this GEMM should run through cuBLAS. kind 'fwd' (fprop/dgrad) or 'wgrad';
@@ -289,17 +312,10 @@ def choose(a_q: torch.Tensor, kind: str, out_dtype: torch.dtype, dims: tuple[int
     multiple of K_BLOCKS * 128; wgrad: both output dims, and a dense wgrad's tokens);
     group_work: mean multiply-adds per group for grouped GEMMs (None for dense);
     group_tiles: mean 128x128 output tiles per group of a grouped fprop/dgrad."""
-    if _backend == "triton" or not a_q.is_cuda or any(d % ALIGN for d in dims):
-        return False
-    if kind == "fwd" and dims[-1] % (K_BLOCKS * TILE):
+    if not may_choose(a_q.device, kind, dims, group_work, group_tiles):
         return False
     if torch.cuda.is_current_stream_capturing():
         return False  # the grouped loop reads offs on the host; the probe synchronises
-    if _backend == "auto" and group_work is not None:
-        if group_work < GROUP_WORK:
-            return False
-        if group_tiles is not None and group_tiles < WAVES * _sms(a_q.device):
-            return False
     why = _probe(a_q.device.index or 0, kind, out_dtype)
     if why is not None:
         _warn_once(kind, out_dtype, why)

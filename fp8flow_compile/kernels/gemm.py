@@ -582,30 +582,64 @@ def _(a_q, a_s, b_q, b_s, trans_b=True, out_dtype=torch.bfloat16):
     return a_q.new_empty(a_q.shape[0], n, dtype=out_dtype)
 
 
+def grouped_fwd_sizes(M: int, b_shape, trans_b: bool, num_groups: int):
+    """(dims, mean multiply-adds per group, mean 128x128 output tiles per group) of a grouped
+    fprop/dgrad, as `cublas.choose` weighs them."""
+    N, K = (b_shape[1], b_shape[2]) if trans_b else (b_shape[2], b_shape[1])
+    rows = M / max(num_groups, 1)
+    return (N, K), rows * N * K, rows * N / TILE**2
+
+
+def grouped_wgrad_sizes(N: int, P: int, K: int, num_groups: int):
+    """(dims, mean multiply-adds per group) of a grouped wgrad dW [E, N, K] over P tokens."""
+    return (N, K), P / max(num_groups, 1) * N * K
+
+
+def _check_offs_host(offs_host, offs, op):
+    if offs_host is None:
+        return
+    require(offs_host.device.type == "cpu" and offs_host.shape == offs.shape, op,
+            f"offs_host must be a CPU copy of offs (shape {tuple(offs.shape)}), got "
+            f"{offs_host.device} tensor of shape {tuple(offs_host.shape)}")
+
+
+@torch.library.custom_op("fp8flow::offsets_to_host", mutates_args=())
+def offsets_to_host(offs: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the group ends `offs` (one device -> host sync). The compiled graph makes
+    it once, where offs is made, and passes it to every grouped GEMM that loops over groups on
+    the host, forward and backward (the backward reads the copy the forward saved)."""
+    return offs.to("cpu", copy=True)
+
+
+@offsets_to_host.register_fake
+def _(offs):
+    return torch.empty(offs.shape, dtype=offs.dtype, device="cpu")
+
+
 @torch.library.custom_op("fp8flow::grouped_gemm_fp8", mutates_args=())
 def grouped_gemm_fp8(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
                      offs: torch.Tensor, trans_b: bool = True,
-                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                     out_dtype: torch.dtype = torch.bfloat16,
+                     offs_host: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of group g (offs: cumulative group ends, int32 [E]) times expert g's weight b[g];
     b [E, N, K] (trans_b=True, fprop) or [E, K, N] (trans_b=False, dgrad). Rows past offs[-1]
-    get zeros."""
+    get zeros. offs_host: optional CPU copy of offs (`offsets_to_host`), read instead of offs
+    where the group ends are needed on the host; it must hold the same values."""
     op = "grouped_gemm_fp8"
     _check_fwd(a_q, a_s, b_q, b_s, trans_b, out_dtype, op, grouped=True)
     _check_offs(offs, b_q.shape[0], op)
+    _check_offs_host(offs_host, offs, op)
     _check_same_device(op, a_q, a_s, b_q, b_s, offs)
     if not use_triton(a_q):
         return grouped_gemm_fp8_ref(a_q, a_s, b_q, b_s, offs, trans_b, out_dtype)
-    M, K = a_q.shape
-    rows = M / max(offs.numel(), 1)
-    N = b_q.shape[1]
-    if trans_b and cublas.choose(a_q, "fwd", out_dtype, (N, K), rows * N * K,
-                                 rows * N / TILE**2):
-        return cublas.grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype)
+    dims, work, tiles = grouped_fwd_sizes(a_q.shape[0], b_q.shape, True, offs.numel())
+    if trans_b and cublas.choose(a_q, "fwd", out_dtype, dims, work, tiles):
+        return cublas.grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, offs_host=offs_host)
     return grouped_gemm_fp8_triton(a_q, a_s, b_q, b_s, offs, trans_b, out_dtype)
 
 
 @grouped_gemm_fp8.register_fake
-def _(a_q, a_s, b_q, b_s, offs, trans_b=True, out_dtype=torch.bfloat16):
+def _(a_q, a_s, b_q, b_s, offs, trans_b=True, out_dtype=torch.bfloat16, offs_host=None):
     n = b_q.shape[1] if trans_b else b_q.shape[2]
     return a_q.new_empty(a_q.shape[0], n, dtype=out_dtype)
 
@@ -633,24 +667,26 @@ def _(a_q, a_s, b_q, b_s, out_dtype=torch.float32):
 @torch.library.custom_op("fp8flow::grouped_gemm_fp8_wgrad", mutates_args=())
 def grouped_gemm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor,
                            b_s: torch.Tensor, offs: torch.Tensor,
-                           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                           out_dtype: torch.dtype = torch.float32,
+                           offs_host: torch.Tensor | None = None) -> torch.Tensor:
     """Per-expert weight gradients dW [E, N, K], dW_g = dY_g^T X_g over the tokens of group g,
-    from the column-wise forms with token tiles restarting at each group
-    (scales [.., max_tiles(P, E)]). Empty groups give zeros."""
+    from the column-wise forms with token tiles restarting at each group start
+    (scales [.., max_tiles(P, E)]). Empty groups give zeros. offs_host as in grouped_gemm_fp8."""
     op = "grouped_gemm_fp8_wgrad"
     require(offs.dim() == 1 and offs.numel() >= 1, op, "offs must be a non-empty 1-D tensor")
     _check_offs(offs, offs.numel(), op)
+    _check_offs_host(offs_host, offs, op)
     _check_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, op)
     _check_same_device(op, a_q, a_s, b_q, b_s, offs)
     if not use_triton(a_q):
         return grouped_gemm_fp8_wgrad_ref(a_q, a_s, b_q, b_s, offs, out_dtype)
     N, P = a_q.shape
-    work = P / offs.numel() * N * b_q.shape[0]
-    if cublas.choose(a_q, "wgrad", out_dtype, (N, b_q.shape[0]), work):
-        return cublas.grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype)
+    dims, work = grouped_wgrad_sizes(N, P, b_q.shape[0], offs.numel())
+    if cublas.choose(a_q, "wgrad", out_dtype, dims, work):
+        return cublas.grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, offs_host=offs_host)
     return grouped_gemm_fp8_wgrad_triton(a_q, a_s, b_q, b_s, offs, out_dtype)
 
 
 @grouped_gemm_fp8_wgrad.register_fake
-def _(a_q, a_s, b_q, b_s, offs, out_dtype=torch.float32):
+def _(a_q, a_s, b_q, b_s, offs, out_dtype=torch.float32, offs_host=None):
     return a_q.new_empty(offs.shape[0], a_q.shape[0], b_q.shape[0], dtype=out_dtype)

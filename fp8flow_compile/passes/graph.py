@@ -100,6 +100,21 @@ def strip(n: fx.Node) -> tuple[fx.Node, bool]:
     return n, transposed
 
 
+def size_hint(n) -> int:
+    """A size as an int: dynamic shapes give a SymInt, taken at the size it was traced with."""
+    if isinstance(n, int):
+        return n
+    import torch.fx.experimental.symbolic_shapes as sym
+    for name in ("hint_int", "optimization_hint"):  # the name differs across torch versions
+        fn = getattr(sym, name, None)
+        if fn is not None:
+            try:
+                return int(fn(n))
+            except Exception:
+                pass
+    return int(n.node.hint)
+
+
 def backward_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes of the joint graph that depend on a tangent (the backward part)."""
     tangents = {n for n in gm.graph.nodes if n.op == "placeholder" and "tangents" in n.name}

@@ -8,6 +8,11 @@ transposed view), weights in 128x128 blocks (`quantize_128x128` of the parameter
 blocks serve the fprop orientation and the dgrad orientation alike; `quantize_128x128_dual`
 writes them once more transposed for the dgrad). Quantize nodes carry
 `meta["fp8flow"] = {"role": "act" | "weight", "src": node}` for the counters.
+
+Grouped GEMMs that may loop over their groups on the host (cuBLAS per group, see
+kernels/cublas.py; decided here from the shapes) also get `offsets_to_host(offs)`: one CPU copy
+of the group ends per offs, made right where offs is, shared by the forward and (saved) by the
+backward, so a step syncs once instead of once per grouped GEMM.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, call, call_multi, contiguous, strip, val
+from ..kernels import cublas, gemm
+from .graph import Ctx, call, call_multi, contiguous, size_hint, strip, val
 
 aten = torch.ops.aten
 ops = torch.ops.fp8flow
@@ -45,7 +51,35 @@ def quant_rows_of_t(gm, x: fx.Node, offs=None):
     return quantize(gm, ops.quantize_1x128_col.default, contiguous(gm, x), offs, "act")
 
 
+def host_offsets(gm: fx.GraphModule, offs: fx.Node, cache: dict) -> fx.Node:
+    """`offsets_to_host(offs)`, one per offs node, inserted right after offs is made."""
+    if offs not in cache:
+        if offs.op == "placeholder":
+            at = next(n for n in gm.graph.nodes if n.op != "placeholder")
+            ctxm = gm.graph.inserting_before(at)
+        else:
+            ctxm = gm.graph.inserting_after(offs)
+        with ctxm:
+            cache[offs] = call(gm, ops.offsets_to_host.default, (offs,), name="offs_host")
+    return cache[offs]
+
+
+def _may_loop_on_host(kind: str, a: fx.Node, b: fx.Node, offs: fx.Node) -> bool:
+    """Whether the grouped GEMM may run as cuBLAS calls per group (shapes and backend only)."""
+    av, bv, ov = val(a), val(b), val(offs)
+    groups = size_hint(ov.shape[0])
+    if kind == "grouped":
+        dims, work, tiles = gemm.grouped_fwd_sizes(size_hint(av.shape[0]),
+                                                   [size_hint(d) for d in bv.shape], True,
+                                                   groups)
+        return cublas.may_choose(ov.device, "fwd", dims, work, tiles)
+    dims, work = gemm.grouped_wgrad_sizes(size_hint(av.shape[0]), size_hint(av.shape[1]),
+                                          size_hint(bv.shape[0]), groups)
+    return cublas.may_choose(ov.device, "wgrad", dims, work)
+
+
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    host: dict = {}
     for g in ctx.gemms:
         if not g.fp8:
             continue
@@ -63,8 +97,10 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                     # the transposed copy, so the tensor cores always get B K-major.
                     bq, bs = (wq, ws) if transposed else (wqt, wst)
                     if g.kind == "grouped":
+                        oh = (host_offsets(gm, g.offs, host)
+                              if _may_loop_on_host("grouped", aq, bq, g.offs) else None)
                         new = call(gm, ops.grouped_gemm_fp8.default,
-                                   (aq, as_, bq, bs, g.offs, True, out_dtype))
+                                   (aq, as_, bq, bs, g.offs, True, out_dtype, oh))
                     else:
                         new = call(gm, ops.gemm_fp8.default, (aq, as_, bq, bs, True, out_dtype))
                 else:
@@ -75,8 +111,10 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             else:  # grouped_wgrad: out[e] = A_e @ B_e, contracted over the grouped token axis
                 aq, as_ = quant_rows(gm, g.a, g.offs)
                 bq, bs = quant_rows_of_t(gm, g.b, g.offs)
+                oh = (host_offsets(gm, g.offs, host)
+                      if _may_loop_on_host("grouped_wgrad", aq, bq, g.offs) else None)
                 new = call(gm, ops.grouped_gemm_fp8_wgrad.default,
-                           (aq, as_, bq, bs, g.offs, out_dtype))
+                           (aq, as_, bq, bs, g.offs, out_dtype, oh))
         new.meta["fp8flow"] = {"role": "gemm", "replaces": n.name}
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
