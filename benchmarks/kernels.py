@@ -154,6 +154,23 @@ def main():
             T * k * H * 2 + T * H * 2, bw,
             rel_err(out, PM.unpermute_ref(y, maps.pos, None)) < 1e-2)
 
+    # The combine as a model writes it: zeros.index_add_(0, token, y * w), rows in expert order.
+    order = topi.flatten().argsort(stable=True)
+    token = order // k
+    yk = torch.randn(T * k, H, device=dev, dtype=torch.bfloat16)
+    wk = torch.rand(T * k, 1, device=dev, dtype=torch.bfloat16)
+    ref = torch.zeros(T, H, device=dev).index_add_(0, token, yk.float() * wk.float())
+    nbytes = T * k * H * 2 + T * H * 2 + T * k * 10
+    mem_row("index_add_rows [Tk,H]->[T,H] (w fused)",
+            lambda: ops.index_add_rows(None, token, yk, wk, T), nbytes, bw,
+            rel_err(ops.index_add_rows(None, token, yk, wk, T), ref) < 1e-2)
+    mem_row("  peer: zeros.index_add_(y * w) (ATen)",
+            lambda: torch.zeros(T, H, device=dev, dtype=torch.bfloat16).index_add_(
+                0, token, yk * wk), nbytes, bw, "-")
+    mem_row("  peer: zeros.index_put_(acc) (ATen)",
+            lambda: torch.zeros(T, H, device=dev, dtype=torch.bfloat16).index_put_(
+                (token,), yk, accumulate=True), nbytes, bw, "-")
+
     w13 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) / 64
     w13q, w13s, w13qT, w13sT = ops.quantize_128x128_dual(w13)
     r = Q.quantize_128x128_dual_ref(w13)

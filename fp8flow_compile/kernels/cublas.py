@@ -12,13 +12,13 @@ Cost and when it pays
 The loop needs the group ends on the host. The compiled graph copies `offs` to the host once
 (`fp8flow::offsets_to_host`, one sync per step, placed where offs is made) and hands the copy to
 every grouped GEMM of the step, forward and backward; called without it, each call copies offs
-itself (a sync per call). Then come a few launches per group. On the GPU the per-group GEMMs run at cuBLAS's dense rate (H100,
-DeepSeek-V3 shard: 1250 TFLOP/s for fprop/dgrad, 946 for wgrad, against 680-715 and 300-333 for
-the Triton kernel), but each group also costs tens of microseconds of host time (Python, views,
-cuBLASLt set-up), about as long as one group's GEMM there: in the layer benchmark the GPU sat idle
-for about 8.5 of 39.6 ms per step. With many small groups the host time dominates and the single
-Triton launch wins; `choose()` picks by the mean work per group. The sync also rules out
-CUDA-graph capture, where the Triton kernel is used.
+itself (a sync per call). Then come a few launches per group. On the GPU the per-group GEMMs run at
+cuBLAS's dense rate (H100, DeepSeek-V3 shard: 1250 TFLOP/s for fprop/dgrad, 946 for wgrad, against
+680-715 and 300-333 for the Triton kernel), but each group also costs tens of microseconds of host
+time (Python, views, cuBLASLt set-up), about as long as one group's GEMM there: in the layer
+benchmark the GPU sat idle for about 8.5 of 39.6 ms per step. With many small groups the host time
+dominates and the single Triton launch wins; `choose()` picks by the mean work per group. The sync
+also rules out CUDA-graph capture, where the Triton kernel is used.
 
 Layout rules of cuBLAS (found on the H100, torch 2.11; tests/test_gemm.py runs the loop on CPU
 against a stand-in that asserts them, and on the GPU against cuBLAS itself)

@@ -117,31 +117,84 @@ def shift_e4m3(byte, k):
 
 
 @triton.jit
-def _transpose_kernel(q_ptr, s_ptr, qt_ptr, st_ptr, offs_ptr, G, M, K, KB, T,
-                      TILE_: tl.constexpr, GROUPED: tl.constexpr, G_BLOCK: tl.constexpr):
-    # One program per (tile slot t, column block kb): reads q[start:end, block] and s[rows, kb],
-    # writes qT[block, start:end] and sT[block, t]. The rows past offs[-1] come as slots of
-    # their own that read nothing: zero bytes, scale 1.
-    t = tl.program_id(0)
-    kb = tl.program_id(1)
-    start, end, live = tile_range(offs_ptr, G, t, M, TILE_, GROUPED, G_BLOCK)
-    rows = start + tl.arange(0, TILE_)
-    cols = kb * TILE_ + tl.arange(0, TILE_)
-    rmask = (rows < end) & (rows < M)
-    lmask = rmask & live
+def _load_block(q_ptr, s_ptr, rows, cols, lmask, K, KB, kb):
+    """Bytes (as int32) and fp32 scale exponents of `rows` of one 128-column block; the
+    exponent of a row whose block is all +-0 (or that is masked) is reported as 0."""
     byte = tl.load(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                    mask=lmask[:, None], other=0).to(tl.int32)
     s = tl.load(s_ptr + rows.to(tl.int64) * KB + kb, mask=lmask, other=1.0)
     s_ex = (s.to(tl.int32, bitcast=True) >> 23) & 0xFF
     nonzero = tl.max(((byte & 0x7F) != 0).to(tl.int32), axis=1) > 0
+    return byte, s_ex, tl.where(nonzero & lmask, s_ex, 0)
+
+
+@triton.jit
+def _new_scale(sc_ex):
     # Normal fp32 scales have exponent field >= 1, so 0 marks "no nonzero row" -> scale 1.
-    sc_ex = tl.max(tl.where(nonzero & lmask, s_ex, 0), axis=0)
-    sc_ex = tl.where(sc_ex == 0, 127, sc_ex)
+    return tl.where(sc_ex == 0, 127, sc_ex)
+
+
+@triton.jit
+def _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, lmask_row, rows, cols, M, K, KB, kb):
+    # Byte stores: any tile. The layout change goes through shared memory as bytes.
+    byte, s_ex, live_ex = _load_block(q_ptr, s_ptr, rows, cols, lmask_row, K, KB, kb)
+    sc_ex = _new_scale(tl.max(live_ex, axis=0))
     k = tl.maximum(sc_ex - s_ex, 0)  # negative only for all-zero rows, whose bytes stay zero
-    # Narrow to bytes before the transpose: the layout change goes through shared memory, and
-    # int32 would move four times the bytes.
     out = tl.trans(shift_e4m3(byte, k[:, None]).to(tl.uint8))
+    rmask = (rows < end) & (rows < M)
     tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], out, mask=rmask[None, :])
+    return sc_ex
+
+
+@triton.jit
+def _transpose_words(q_ptr, s_ptr, qt32_ptr, start, end, live, cols, M, K, KB, kb,
+                     TILE_: tl.constexpr):
+    # Word stores: tiles whose rows start and end on multiples of 4 (M too). Rows 4w..4w+3 are
+    # loaded as four row sets in the same layout, so packing their bytes into one int32 word
+    # per (w, column) moves no data between threads; the transpose then moves 4-byte words.
+    w = tl.arange(0, TILE_ // 4)
+    r0 = start + 4 * w
+    b0, e0, l0 = _load_block(q_ptr, s_ptr, r0, cols, (r0 < end) & live, K, KB, kb)
+    b1, e1, l1 = _load_block(q_ptr, s_ptr, r0 + 1, cols, (r0 + 1 < end) & live, K, KB, kb)
+    b2, e2, l2 = _load_block(q_ptr, s_ptr, r0 + 2, cols, (r0 + 2 < end) & live, K, KB, kb)
+    b3, e3, l3 = _load_block(q_ptr, s_ptr, r0 + 3, cols, (r0 + 3 < end) & live, K, KB, kb)
+    sc_ex = _new_scale(tl.maximum(tl.maximum(tl.max(l0, axis=0), tl.max(l1, axis=0)),
+                                  tl.maximum(tl.max(l2, axis=0), tl.max(l3, axis=0))))
+    word = shift_e4m3(b0, tl.maximum(sc_ex - e0, 0)[:, None])
+    word |= shift_e4m3(b1, tl.maximum(sc_ex - e1, 0)[:, None]) << 8
+    word |= shift_e4m3(b2, tl.maximum(sc_ex - e2, 0)[:, None]) << 16
+    word |= shift_e4m3(b3, tl.maximum(sc_ex - e3, 0)[:, None]) << 24
+    out = tl.trans(word)  # [128 columns, 32 words]
+    wq = start // 4 + w
+    tl.store(qt32_ptr + cols[:, None].to(tl.int64) * (M // 4) + wq[None, :], out,
+             mask=(wq < end // 4)[None, :])
+    return sc_ex
+
+
+@triton.jit
+def _transpose_kernel(q_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, offs_ptr, G, M, K, KB, T,
+                      TILE_: tl.constexpr, GROUPED: tl.constexpr, G_BLOCK: tl.constexpr,
+                      WORDS: tl.constexpr):
+    # One program per (tile slot t, column block kb): reads q[start:end, block] and s[rows, kb],
+    # writes qT[block, start:end] and sT[block, t]. The rows past offs[-1] come as slots of
+    # their own that read nothing: zero bytes, scale 1. WORDS (M a multiple of 4): tiles on
+    # 4-row boundaries store int32 words, the others bytes.
+    t = tl.program_id(0)
+    kb = tl.program_id(1)
+    start, end, live = tile_range(offs_ptr, G, t, M, TILE_, GROUPED, G_BLOCK)
+    cols = kb * TILE_ + tl.arange(0, TILE_)
+    rows = start + tl.arange(0, TILE_)
+    lmask = (rows < end) & (rows < M) & live
+    if WORDS:
+        if (start % 4 == 0) & (end % 4 == 0):
+            sc_ex = _transpose_words(q_ptr, s_ptr, qt32_ptr, start, end, live, cols, M, K, KB,
+                                     kb, TILE_)
+        else:
+            sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, lmask, rows, cols, M, K,
+                                     KB, kb)
+    else:
+        sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, lmask, rows, cols, M, K, KB,
+                                 kb)
     sc = (sc_ex << 23).to(tl.float32, bitcast=True)
     tl.store(st_ptr + cols.to(tl.int64) * T + t, sc + tl.zeros([TILE_], tl.float32))
 
@@ -158,9 +211,12 @@ def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
     # Every (slot, block) program writes its 128 scale entries, empty slots included.
     sT = torch.empty(K, T, dtype=torch.float32, device=q.device)
     og, G, grouped, gb = _groups(offs, q.device)
+    words = M % 4 == 0
     if T and KB:
-        _transpose_kernel[(T, KB)](q.view(torch.uint8), s, qT.view(torch.uint8), sT, og, G,
-                                   M, K, KB, T, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb,
+        qt8 = qT.view(torch.uint8)
+        _transpose_kernel[(T, KB)](q.view(torch.uint8), s, qt8,
+                                   qt8.view(torch.int32) if words else qt8, sT, og, G, M, K,
+                                   KB, T, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb, WORDS=words,
                                    num_warps=num_warps)
     return qT, sT
 

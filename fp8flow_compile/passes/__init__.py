@@ -1,7 +1,8 @@
 """Graph passes of the fp8flow backend, one module each with one entry `run(gm, ctx) -> gm`.
 
 Order on the joint graph: find_gemms -> insert_qdq (the naive FP8 graph, counted) ->
-flow_reuse -> flow_hoist -> flow_fuse -> dedupe (counted again).
+flow_reuse -> flow_hoist -> flow_fuse -> dedupe (counted again) -> flow_combine (the MoE
+combine's scatter-adds, no casts involved).
 """
 
 from __future__ import annotations
@@ -10,10 +11,19 @@ import copy
 
 import torch.fx as fx
 
-from . import count, dedupe, find_gemms, flow_fuse, flow_hoist, flow_reuse, insert_qdq
+from . import (
+    count,
+    dedupe,
+    find_gemms,
+    flow_combine,
+    flow_fuse,
+    flow_hoist,
+    flow_reuse,
+    insert_qdq,
+)
 from .graph import Ctx, backward_nodes
 
-FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe)
+FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_combine)
 
 
 def _phase_counts(gm: fx.GraphModule, bwd: set) -> dict[str, dict[str, int]]:

@@ -1,0 +1,124 @@
+"""Flow rewrite "combine": row scatter-adds become a sorted gather-sum, row weights fused.
+
+Expects: any joint graph. Guarantees: every
+
+- `index_add(base, 0, index, src)` (alpha 1), and
+- `index_put(base, [index], src, accumulate=True)` with one index tensor on dim 0,
+
+where base is [T, H], src [N, H] (no broadcasting) and index [N], in bf16 or fp32, becomes
+`fp8flow::index_add_rows(base | None, index, src', weight | None, T)` (see kernels/scatter.py):
+no atomics, fp32 accumulation, one rounding, deterministic. A base that is a zero fill is not
+read. Where src = y * w with w a per-row weight [N, 1] of the same dtype and the product used
+nowhere else, y and w go to the op and the product is never written: the MoE combine
+`zeros.index_add_(0, token, y * probs)` reads y once.
+
+These are the MoE layer's combine step (forward) and the backward of its token gather
+`x[token]`; on the H100 they ran as BF16 atomics at several times the cost of reading the rows
+(numbers in kernels/scatter.py). The rewrite changes rounding only, towards the exact sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..kernels.scatter import DTYPES
+from .graph import Ctx, call, size_hint, val
+
+aten = torch.ops.aten
+ops = torch.ops.fp8flow
+
+
+def _is_zero_fill(n) -> bool:
+    if not isinstance(n, fx.Node) or n.op != "call_function":
+        return False
+    if n.target is aten.full.default:
+        return n.args[1] == 0
+    return n.target in (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)
+
+
+def _row_weight(src: fx.Node, n_rows: int):
+    """(y, w) if src = y * w with w one weight per row ([N, 1], src's dtype) and src read only
+    by the scatter; else None."""
+    if src.op != "call_function" or src.target is not aten.mul.Tensor or len(src.users) != 1:
+        return None
+    a, b = src.args[:2]
+    for y, w in ((a, b), (b, a)):
+        yv, wv = val(y), val(w)
+        if not (isinstance(yv, torch.Tensor) and isinstance(wv, torch.Tensor)):
+            continue
+        if (tuple(yv.shape) == tuple(val(src).shape) and wv.dim() == 2
+                and wv.shape[0] == n_rows and wv.shape[1] == 1
+                and yv.dtype == wv.dtype == val(src).dtype):
+            return y, w
+    return None
+
+
+def _rows_arg(gm: fx.GraphModule, base: fx.Node, zero: bool):
+    """base's row count as an op argument: an int, or under dynamic shapes the graph node that
+    holds the symbol (the zero fill's own size argument, else a sym_size of base)."""
+    rows = val(base).shape[0]
+    if isinstance(rows, int):
+        return rows
+    if zero and base.target is aten.full.default and isinstance(base.args[0][0], fx.Node):
+        return base.args[0][0]
+    return call(gm, aten.sym_size.int, (base, 0))
+
+
+def _match(n: fx.Node):
+    """(base, index, src, wrap) of a row scatter-add this pass takes, else None."""
+    if n.op != "call_function":
+        return None
+    if n.target is aten.index_add.default:
+        base, dim, index, src = n.args[:4]
+        alpha = n.args[4] if len(n.args) > 4 else n.kwargs.get("alpha", 1)
+        if dim not in (0, -2) or alpha != 1:
+            return None
+        wrap = False
+    elif n.target is aten.index_put.default:
+        base, indices, src = n.args[:3]
+        acc = n.args[3] if len(n.args) > 3 else n.kwargs.get("accumulate", False)
+        if not acc or len(indices) != 1 or not isinstance(indices[0], fx.Node):
+            return None
+        index, wrap = indices[0], True
+    else:
+        return None
+    bv, iv, sv = val(base), val(index), val(src)
+    if not all(isinstance(v, torch.Tensor) for v in (bv, iv, sv)):
+        return None
+    if (bv.dim() != 2 or sv.dim() != 2 or iv.dim() != 1 or sv.shape[0] != iv.shape[0]
+            or sv.shape[1] != bv.shape[1] or bv.dtype != sv.dtype or bv.dtype not in DTYPES
+            or iv.dtype not in (torch.int32, torch.int64) or bv.device != sv.device):
+        return None
+    return base, index, src, wrap
+
+
+def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    done = 0
+    for n in list(gm.graph.nodes):
+        m = _match(n)
+        if m is None:
+            continue
+        base, index, src, wrap = m
+        rows = size_hint(val(base).shape[0])
+        yw = _row_weight(src, val(src).shape[0])
+        y, w = yw if yw is not None else (src, None)
+        zero = _is_zero_fill(base)
+        with gm.graph.inserting_before(n):
+            new = call(gm, ops.index_add_rows.default,
+                       (None if zero else base, index, y, w, _rows_arg(gm, base, zero), wrap),
+                       name="index_add_rows")
+        new.meta["fp8flow"] = {"role": "combine", "replaces": n.name}
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+        for dead in (src, base):  # the product and the zero fill, if nothing else reads them
+            if dead is not y and dead.op == "call_function" and not dead.users and (
+                    dead is src or _is_zero_fill(dead)):
+                gm.graph.erase_node(dead)
+        done += 1
+        ctx.log.append(f"combine: {n.name} ({n.target.__name__}, {rows} rows) -> index_add_rows"
+                       + (" with the row weight fused" if yw is not None else ""))
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return gm

@@ -1,0 +1,213 @@
+"""Row scatter-add (`index_add_rows`): reference against float64, the Triton kernel (interpreter on
+CPU, compiled on the GPU) bit-exact against the reference, bad input, and the pass that lowers
+`index_add` / `index_put(accumulate=True)` to it."""
+
+import copy
+
+import pytest
+import torch
+from test_passes import capture, targets, upto
+
+from examples.moe import MoE
+from fp8flow_compile.errors import Fp8Unsupported
+from fp8flow_compile.kernels import scatter as S
+from fp8flow_compile.passes import (
+    dedupe,
+    find_gemms,
+    flow_combine,
+    flow_fuse,
+    flow_hoist,
+    flow_reuse,
+    insert_qdq,
+)
+
+ops = torch.ops.fp8flow
+aten = torch.ops.aten
+U32 = 2.0**-24  # fp32 unit roundoff
+UNIT = {torch.bfloat16: 2.0**-8, torch.float32: U32}
+
+
+def heavy(*shape, gen):
+    return torch.randn(*shape, generator=gen) * torch.exp(2 * torch.randn(*shape, generator=gen))
+
+
+def case(T, H, N, dtype, base, weight, seed, index=None):
+    g = torch.Generator().manual_seed(seed)
+    src = heavy(N, H, gen=g).to(dtype)
+    idx = torch.randint(0, T, (N,), generator=g) if index is None else index
+    b = heavy(T, H, gen=g).to(dtype) if base else None
+    w = None
+    if weight == "col":
+        w = torch.rand(N, 1, generator=g).to(dtype)
+    elif weight == "flat32":
+        w = torch.rand(N, generator=g)
+    return b, idx, src, w
+
+
+CASES = [  # (T, H, N): a few rows per token; more rows than one iteration loads; no rows at all
+    (7, 300, 20), (3, 130, 40), (1, 64, 19), (9, 200, 0), (12, 96, 5)]
+
+
+@pytest.mark.parametrize("T,H,N", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reference_vs_float64(T, H, N, dtype):
+    for base in (False, True):
+        for weight in (None, "col", "flat32"):
+            b, idx, src, w = case(T, H, N, dtype, base, weight, 1)
+            out = S.index_add_rows_ref(b, idx, src, w, T)
+            terms = src.double() * (1.0 if w is None else w.double().reshape(-1, 1))
+            exact = torch.zeros(T, H, dtype=torch.float64).index_add_(0, idx, terms)
+            mag = torch.zeros(T, H, dtype=torch.float64).index_add_(0, idx, terms.abs())
+            if b is not None:
+                exact += b.double()
+                mag += b.double().abs()
+            n = torch.bincount(idx, minlength=T).double().reshape(-1, 1)
+            # one rounding to the output dtype, plus fp32 products and n fp32 additions
+            bound = UNIT[dtype] * exact.abs() + (n + 2) * U32 * mag
+            assert ((out.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("T,H,N", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_bit_exact_vs_reference(T, H, N, dtype):
+    for base in (False, True):
+        for weight in (None, "col", "flat32"):
+            args = case(T, H, N, dtype, base, weight, 2)
+            assert torch.equal(S.index_add_rows_triton(*args, T), S.index_add_rows_ref(*args, T))
+
+
+def test_kernel_specials_and_wrap():
+    T, H = 4, 130
+    src = torch.full((6, H), -0.0)
+    src[1, 5], src[2, 7] = float("nan"), float("inf")
+    idx = torch.tensor([0, 1, 2, 0, -1, -4])  # -1 -> 3, -4 -> 0 (index_put semantics)
+    for fn in (S.index_add_rows_triton, S.index_add_rows_ref):
+        # zero base: as torch's own accumulate, +0 plus -0 terms is +0
+        out = fn(None, idx, src, None, T, True)
+        want = torch.zeros(T, H).index_put_((idx,), src, accumulate=True)
+        assert torch.equal(out.nan_to_num(7.0), want.nan_to_num(7.0))
+        assert not torch.signbit(out[0]).any() and out[1, 5].isnan()
+        # a -0 base stays -0 where only -0 terms arrive, also past the last row a program
+        # loads (token 0 gets 3 rows, loaded 2 at a time): masked slots add nothing
+        out = fn(torch.full((T, H), -0.0), idx, src, None, T, True)
+        assert torch.signbit(out[0]).all() and torch.signbit(out[3]).all()
+        assert out[2, 7] == float("inf")
+    with pytest.raises(IndexError, match="out of range"):
+        S.index_add_rows_ref(None, torch.tensor([0, 4]), src[:2], None, T)
+    with pytest.raises(IndexError, match="out of range"):
+        S.index_add_rows_ref(None, torch.tensor([0, -1]), src[:2], None, T)  # no wrap
+
+
+def test_op_fake_and_bad_inputs():
+    b, idx, src, w = case(5, 64, 11, torch.bfloat16, True, "col", 3)
+    torch.library.opcheck(ops.index_add_rows, (b, idx, src, w, 5, False),
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    assert torch.equal(ops.index_add_rows(b, idx, src, w, 5), S.index_add_rows_ref(b, idx, src,
+                                                                                  w, 5))
+    bad = [
+        (lambda: ops.index_add_rows(None, idx, src.half(), None, 5), "src must be one of"),
+        (lambda: ops.index_add_rows(None, idx[:3], src, None, 5), "one entry per src row"),
+        (lambda: ops.index_add_rows(None, idx.float(), src, None, 5), "int32/int64"),
+        (lambda: ops.index_add_rows(b[:4], idx, src, None, 5), "base must be"),
+        (lambda: ops.index_add_rows(None, idx, src, w[:3], 5), "one bf16/fp32 value per"),
+    ]
+    for fn, msg in bad:
+        with pytest.raises(Fp8Unsupported, match=msg):
+            fn()
+
+
+# ---------------------------------------------------------------- the pass
+
+@pytest.fixture
+def moe_graph(monkeypatch):
+    torch.manual_seed(0)
+    got = capture(MoE(256, 128, 4, 2), torch.randn(48, 256, dtype=torch.bfloat16), monkeypatch)
+    return next((gm, ctx) for gm, ctx in got if any(
+        n.target is aten._grouped_mm.default for n in gm.graph.nodes))
+
+
+def test_combine_lowers_the_moe_scatters(moe_graph):
+    stages = (find_gemms, insert_qdq, dedupe, flow_reuse, flow_hoist, flow_fuse, dedupe)
+    gm, ctx = upto(*moe_graph, *stages)
+    before = targets(gm)
+    assert before.count(aten.index_add.default) == 1  # the combine
+    two_d = [n for n in gm.graph.nodes if n.target is aten.index_put.default
+             and n.meta["val"].dim() == 2]
+    assert len(two_d) == 1  # the backward of the token gather x[token]
+    gm2, ctx2 = upto(gm, ctx, flow_combine)
+    t = targets(gm2)
+    assert aten.index_add.default not in t and t.count(ops.index_add_rows.default) == 2
+    new = [n for n in gm2.graph.nodes if n.target is ops.index_add_rows.default]
+    fwd, bwd = sorted(new, key=lambda n: n.args[5])  # wrap: False (index_add), True (index_put)
+    assert fwd.args[0] is None and bwd.args[0] is None  # zero bases are not read
+    assert fwd.args[3] is not None and bwd.args[3] is None  # the routing weight is fused
+    assert fwd.args[2].target is ops.grouped_gemm_fp8.default  # reads the FC2 output itself
+    # the product y * w that fed the scatter is gone; the 1-D index_put (dprobs) is untouched
+    assert t.count(aten.mul.Tensor) == before.count(aten.mul.Tensor) - 1
+    assert t.count(aten.index_put.default) == 1
+    assert len(ctx2.log) == 2 and "row weight fused" in " ".join(ctx2.log)
+
+
+def test_combine_leaves_other_scatters_alone(monkeypatch):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16))
+
+        def forward(self, x, idx):
+            y = x @ self.w
+            a = torch.zeros(8, 64, dtype=x.dtype).index_add(0, idx, y, alpha=2)  # alpha != 1
+            b = torch.zeros(64, 8, dtype=x.dtype).index_add(1, idx, y.t())  # along dim 1
+            return a.sum() + b.sum()
+
+    x = torch.randn(16, 64, dtype=torch.bfloat16, requires_grad=True)
+    idx = torch.randint(0, 8, (16,))
+    got = []
+    from fp8flow_compile import passes
+    real = passes.run_joint
+
+    def spy(gm, ctx):
+        got.append((copy.deepcopy(gm), ctx))
+        return real(gm, ctx)
+
+    monkeypatch.setattr(passes, "run_joint", spy)
+    torch._dynamo.reset()
+    torch.compile(M(), backend="fp8flow", options={"inner": "eager"})(x, idx).backward()
+    gm, ctx = upto(got[0][0], got[0][1], flow_combine)
+    assert ops.index_add_rows.default not in targets(gm)
+
+
+def test_layer_numerics_with_and_without_combine(monkeypatch):
+    """The compiled layer with the rewrite against the same layer with it switched off: the
+    rewrite changes rounding only (fp32 sums instead of BF16 atomics)."""
+    torch.manual_seed(0)
+    m = MoE(256, 128, 4, 2)
+    x = torch.randn(48, 256, dtype=torch.bfloat16)
+    gy = torch.randn(48, 256, dtype=torch.bfloat16)
+
+    def run():
+        torch._dynamo.reset()
+        mm = copy.deepcopy(m)
+        xr = x.clone().requires_grad_(True)
+        y = torch.compile(mm, backend="fp8flow", options={"inner": "eager"})(xr)
+        y.backward(gy)
+        return y.float(), xr.grad.float(), mm.w2.grad.float()
+
+    with_combine = run()
+    monkeypatch.setattr(flow_combine, "run", lambda gm, ctx: gm)
+    without = run()
+    for a, b in zip(with_combine, without):
+        # two BF16 roundings of the same FP8 layer: within a few BF16 ulps of each other
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_bit_exact_vs_reference():
+    for T, H, N, seed in [(512, 7168, 4096, 5), (300, 1000, 900, 6), (64, 2048, 0, 7)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            for base, weight in [(False, None), (True, "col"), (False, "flat32")]:
+                args = case(T, H, N, dtype, base, weight, seed)
+                ref = S.index_add_rows_ref(*args, T)
+                got = ops.index_add_rows(*[a.cuda() if a is not None else None for a in args],
+                                         T)
+                assert torch.equal(got.cpu(), ref)
