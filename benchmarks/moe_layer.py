@@ -698,6 +698,35 @@ def setup_case(shape, dims, routing, args, dev, seed):
     return topw, topi, loads, w13, w2, x, dy
 
 
+def gpu_gaps(trace_path: str, top: int = 12) -> str:
+    """Where the GPU sat idle in a profiler trace: its busy time against the span, and the
+    largest gaps between kernels with the host ops that ran during each (what kept the host from
+    launching the next kernel)."""
+    with open(trace_path) as f:
+        ev = json.load(f)["traceEvents"]
+    gpu = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") in
+                  ("kernel", "gpu_memset", "gpu_memcpy")), key=lambda e: e["ts"])
+    cpu = [e for e in ev if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+    if not gpu:
+        return "no GPU events in the trace"
+    span = gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"]
+    busy = sum(e["dur"] for e in gpu)
+    gaps = sorted(((b["ts"] - a["ts"] - a["dur"], a, b) for a, b in zip(gpu, gpu[1:])),
+                  key=lambda g: -g[0])
+    lines = [f"GPU busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span "
+             f"(idle {(span - busy) / 1e3:.2f} ms); largest gaps, with the innermost host ops "
+             f"that cover most of each:"]
+    for g, a, b in gaps[:top]:
+        t0, t1 = a["ts"] + a["dur"], b["ts"]
+        # the most specific host ops covering at least half of the gap
+        ops = sorted((e for e in cpu if min(e["ts"] + e["dur"], t1) - max(e["ts"], t0)
+                      >= g / 2), key=lambda e: e["dur"])[:3]
+        lines.append(f"  {g:7.0f} us at {(t0 - gpu[0]['ts']) / 1e3:7.2f} ms: "
+                     f"{a['name'][:32]} -> {b['name'][:32]} | host: "
+                     + "; ".join(e["name"][:40] for e in ops))
+    return "\n".join(lines)
+
+
 def profile(args, shapes, dev) -> None:
     key = args.profile
     for shape, dims in shapes.items():
@@ -713,8 +742,9 @@ def profile(args, shapes, dev) -> None:
                 for _ in range(2):  # compile and warm up
                     fn(xg).backward(dy)
                 sync(dev)
-                acts = [torch.profiler.ProfilerActivity.CUDA if dev.type == "cuda"
-                        else torch.profiler.ProfilerActivity.CPU]
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if dev.type == "cuda":
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
                 with torch.profiler.profile(activities=acts) as prof:
                     for _ in range(3):
                         xg.grad = None
@@ -727,6 +757,8 @@ def profile(args, shapes, dev) -> None:
                 trace = os.path.join(args.out, f"profile_{key}_{shape}_{routing}.json")
                 prof.export_chrome_trace(trace)
                 log(f"chrome trace: {trace}")
+                if dev.type == "cuda":
+                    log(gpu_gaps(trace))
             except Skip as e:
                 log(f"skipped: {e}")
             except Exception as e:

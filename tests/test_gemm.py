@@ -429,8 +429,15 @@ def strict_dense_wgrad(a, s_cm, b, s_b_cm, out):
 CUBLAS_OFFS = {**OFFS_CASES, "small_and_unaligned": [1, 6, 22, 38, 38, 166, 294]}
 
 
+@pytest.fixture(params=[1, 3])
+def launch_threads(request, monkeypatch):
+    """The per-group calls issued from the caller's thread, or dealt to 3 worker threads."""
+    monkeypatch.setattr(CB, "LAUNCH_THREADS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CUBLAS_OFFS)
-def test_cublas_grouped_loop_matches_reference(case):
+def test_cublas_grouped_loop_matches_reference(case, launch_threads):
     offs = torch.tensor(CUBLAS_OFFS[case], dtype=torch.int32)
     E = offs.numel()
     aq, as_ = Q.quantize_1x128_ref(rnd((P, 512), 50))
@@ -459,6 +466,23 @@ def test_cublas_grouped_loop_matches_reference(case):
                                         max(end - start, 1)), out_dtype)
             assert_within(dw[g], ref[g].double(), 2 * bound)
             start = end
+
+
+@pytest.mark.parametrize("offs", [[5, 3, 9, 20], [0, 0, 0], [16, 48, 250],
+                                  [1, 6, 22, 38, 38, 166, 294], [300]])
+def test_pack_scales_kernel_matches_scatter(offs):
+    """The packing kernel the CUDA path uses (interpreter here) against the torch scatter."""
+    o = torch.tensor(offs, dtype=torch.int32)
+    M = 300 if max(offs) >= 250 else 12
+    s = torch.rand(M, 5)
+    used = CB._host_bounds(o, M)[-1][1]
+    ref = torch.empty(used * 5)
+    ref[CB._pack_dest(o, M, 5, used)] = s[:used].reshape(-1)
+    buf = torch.full((used * 5,), -1.0)
+    if used:
+        CB._pack_scales_kernel[(CB.cdiv(used, CB._PACK_ROWS),)](
+            s, o, buf, o.numel(), M, 5, BLOCK_R=CB._PACK_ROWS, G_BLOCK=8, KB_BLOCK=8)
+    assert torch.equal(buf, ref)
 
 
 def test_cublas_dense_calls_match_reference():

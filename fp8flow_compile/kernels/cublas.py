@@ -50,6 +50,8 @@ import os
 from collections.abc import Callable
 
 import torch
+import triton
+import triton.language as tl
 
 from ..recipe import TILE
 from .groups import cdiv
@@ -187,22 +189,65 @@ def gemm_wgrad(a_q, a_s, b_q, b_s, out_dtype, dense: Callable = dense_wgrad):
 def _pack_group_scales(a_s: torch.Tensor, offs: torch.Tensor,
                        bounds: list[tuple[int, int]]) -> list[torch.Tensor]:
     """Each group's rows of the 1x128 scales [M, KB] as a packed column-major [m, KB] view, all
-    written by one scatter instead of a copy per group (host time is what limits the loop).
-    The group table is rebuilt on the device from offs, as _host_bounds builds it."""
+    written by one kernel (CUDA) or one scatter (elsewhere) instead of a copy per group: host
+    time is what limits the loop. The group table is rebuilt on the device from offs, as
+    _host_bounds builds it."""
     M, KB = a_s.shape
     used = bounds[-1][1]
-    dev = a_s.device
+    buf = a_s.new_empty(used * KB)
+    if a_s.is_cuda:
+        if used:
+            _pack_scales_kernel[(cdiv(used, _PACK_ROWS),)](
+                a_s, offs, buf, offs.numel(), M, KB, BLOCK_R=_PACK_ROWS,
+                G_BLOCK=triton.next_power_of_2(offs.numel()),
+                KB_BLOCK=triton.next_power_of_2(KB))
+    else:
+        buf[_pack_dest(offs, M, KB, used)] = a_s[:used].reshape(-1)
+    # group g occupies [start*KB, end*KB) of the buffer as a row-major [KB, m] block
+    return [buf.as_strided((e - s, KB), (1, e - s), s * KB) for s, e in bounds]
+
+
+def _pack_dest(offs: torch.Tensor, M: int, KB: int, used: int) -> torch.Tensor:
+    """Where element (r, kb) of the scales goes in the packed buffer, for rows r < used."""
+    dev = offs.device
     ends = offs.to(torch.int64).clamp(min=0).cummax(0).values.clamp(max=M)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     sizes = ends - starts
     g = torch.repeat_interleave(torch.arange(offs.numel(), device=dev), sizes, output_size=used)
     rows = torch.arange(used, device=dev)
-    # group g occupies [start*KB, end*KB) of the buffer as a row-major [KB, m] block
     dest = (starts[g] * (KB - 1) + rows)[:, None] + \
         torch.arange(KB, device=dev)[None, :] * sizes[g][:, None]
-    buf = a_s.new_empty(used * KB)
-    buf[dest.reshape(-1)] = a_s[:used].reshape(-1)
-    return [buf[s * KB:e * KB].view(KB, e - s).t() for s, e in bounds]
+    return dest.reshape(-1)
+
+
+_PACK_ROWS = 64
+
+
+@triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _pack_scales_kernel(s_ptr, offs_ptr, buf_ptr, G, M, KB, BLOCK_R: tl.constexpr,
+                        G_BLOCK: tl.constexpr, KB_BLOCK: tl.constexpr):
+    # Row r of group [start, end) (ends: offs made non-decreasing and clamped to M, as
+    # _host_bounds does) moves its KB scales to buf[start*KB + kb*(end - start) + (r - start)].
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    gi = tl.arange(0, G_BLOCK)
+    o = tl.load(offs_ptr + gi, mask=gi < G, other=0)
+    ends = tl.minimum(tl.associative_scan(tl.maximum(o, 0), 0, _max2), M)
+    ends = tl.where(gi < G, ends, M)
+    used = tl.max(tl.where(gi < G, ends, 0), 0)
+    start = tl.max(tl.where(ends[None, :] <= rows[:, None], ends[None, :], 0), 1)
+    end = tl.min(tl.where(ends[None, :] > rows[:, None], ends[None, :], M), 1)
+    live = rows < used
+    kb = tl.arange(0, KB_BLOCK)
+    m = live[:, None] & (kb[None, :] < KB)
+    v = tl.load(s_ptr + rows[:, None].to(tl.int64) * KB + kb[None, :], mask=m)
+    dest = start.to(tl.int64)[:, None] * KB + kb[None, :] * (end - start)[:, None] + \
+        (rows - start)[:, None]
+    tl.store(buf_ptr + dest, v, mask=m)
 
 
 def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd,
@@ -222,9 +267,9 @@ def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd
     # views made in bulk (one call each) rather than sliced per group
     a_g = a_q[:used].split(sizes)
     o_g = out[:used].split(sizes)
-    for g, (m, b, bs) in enumerate(zip(sizes, b_q.unbind(0), b_s.unbind(0))):
-        if m:
-            _fwd_rows(a_g[g], scales[g], b, bs, o_g[g], dense)
+    _launch([(_fwd_rows, (a_g[g], scales[g], b, bs, o_g[g], dense))
+             for g, (m, b, bs) in enumerate(zip(sizes, b_q.unbind(0), b_s.unbind(0))) if m],
+            a_q.device)
     return out
 
 
@@ -246,16 +291,73 @@ def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_w
     a_g = a_q[:, :used].split(sizes, dim=1)
     b_g = b_q[:, :used].split(sizes, dim=1)
     o_g = out.unbind(0)
-    for g, (start, n) in enumerate(zip((s for s, _ in bounds), sizes)):
-        if n == 0:
-            o_g[g].zero_()
-            continue
-        a, b = a_g[g], b_g[g]
-        if start % ALIGN or n % ALIGN:
-            width = cdiv(n, ALIGN) * ALIGN  # <= tiles * TILE: the scale tiles still cover it
-            a, b = _pad_cols(a, width), _pad_cols(b, width)
-        dense(a, sa[g], b, sb[g], o_g[g])
+    empty = [g for g, n in enumerate(sizes) if n == 0]
+    if empty:
+        out[empty] = 0
+    _launch([(_wgrad_group, (a_g[g], sa[g], b_g[g], sb[g], o_g[g], start, dense))
+             for g, (start, n) in enumerate(zip((s for s, _ in bounds), sizes)) if n],
+            a_q.device)
     return out
+
+
+def _wgrad_group(a, sa, b, sb, out, start, dense):
+    n = a.shape[1]
+    if start % ALIGN or n % ALIGN:
+        width = cdiv(n, ALIGN) * ALIGN  # <= tiles * TILE: the scale tiles still cover it
+        a, b = _pad_cols(a, width), _pad_cols(b, width)
+    dense(a, sa, b, sb, out)
+
+
+# ---------------------------------------------------------------- launching the calls
+
+#: Host threads that issue the per-group calls on CUDA, each on a stream of its own. A
+#: `_scaled_mm_v2` call costs about 70 us of host time on the H100 machine (torch 2.11), about
+#: as long as one DeepSeek-V3-sized group's GEMM on the GPU, so one thread could not keep the GPU
+#: busy; the calls release the GIL while cuBLASLt plans and launches. 1 issues every call from
+#: the caller's thread on its stream. Environment: FP8FLOW_GEMM_THREADS.
+LAUNCH_THREADS = int(os.environ.get("FP8FLOW_GEMM_THREADS", "4"))
+_pool = None
+_streams: dict = {}
+
+
+def _launch(calls: list, device: torch.device) -> None:
+    """Run calls [(fn, args)]. With LAUNCH_THREADS > 1 they are dealt round-robin to worker
+    threads; on CUDA each worker issues its share on a side stream that first waits for the
+    caller's stream, and the caller's stream then waits for all of them, so the outputs are
+    ready in stream order as if the calls had run on it (and tensors freed afterwards cannot be
+    reused early: any later work on the caller's stream is ordered after the side streams).
+    (On the CPU only the tests' stand-in calls come here, through the same partitioning.)"""
+    n = min(LAUNCH_THREADS, len(calls))
+    if n <= 1:
+        for fn, args in calls:
+            fn(*args)
+        return
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool = ThreadPoolExecutor(LAUNCH_THREADS, thread_name_prefix="fp8flow-gemm")
+    cuda = device.type == "cuda"
+    if cuda:
+        main = torch.cuda.current_stream(device)
+        streams = _streams.setdefault(device, [])
+        while len(streams) < n:
+            streams.append(torch.cuda.Stream(device))
+
+    def work(i):
+        if not cuda:
+            for fn, args in calls[i::n]:
+                fn(*args)
+            return
+        with torch.cuda.stream(streams[i]):
+            streams[i].wait_stream(main)
+            for fn, args in calls[i::n]:
+                fn(*args)
+
+    for f in [_pool.submit(work, i) for i in range(n)]:
+        f.result()  # re-raises a worker's exception here
+    if cuda:
+        for st in streams[:n]:
+            main.wait_stream(st)
 
 
 # ---------------------------------------------------------------- when to use it
