@@ -429,15 +429,8 @@ def strict_dense_wgrad(a, s_cm, b, s_b_cm, out):
 CUBLAS_OFFS = {**OFFS_CASES, "small_and_unaligned": [1, 6, 22, 38, 38, 166, 294]}
 
 
-@pytest.fixture(params=[1, 3])
-def launch_threads(request, monkeypatch):
-    """The per-group calls issued from the caller's thread, or dealt to 3 worker threads."""
-    monkeypatch.setattr(CB, "LAUNCH_THREADS", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("case", CUBLAS_OFFS)
-def test_cublas_grouped_loop_matches_reference(case, launch_threads):
+def test_cublas_grouped_loop_matches_reference(case):
     offs = torch.tensor(CUBLAS_OFFS[case], dtype=torch.int32)
     E = offs.numel()
     aq, as_ = Q.quantize_1x128_ref(rnd((P, 512), 50))

@@ -12,13 +12,15 @@ Cost and when it pays
 The loop needs the group ends on the host. The compiled graph copies `offs` to the host once
 (`fp8flow::offsets_to_host`, one sync per step, placed where offs is made) and hands the copy to
 every grouped GEMM of the step, forward and backward; called without it, each call copies offs
-itself (a sync per call). Then come a few launches per group. On the GPU the per-group GEMMs run at
-cuBLAS's dense rate (H100, DeepSeek-V3 shard: 1250 TFLOP/s for fprop/dgrad, 946 for wgrad, against
-680-715 and 300-333 for the Triton kernel), but each group also costs tens of microseconds of host
-time (Python, views, cuBLASLt set-up), about as long as one group's GEMM there: in the layer
-benchmark the GPU sat idle for about 8.5 of 39.6 ms per step. With many small groups the host time
-dominates and the single Triton launch wins; `choose()` picks by the mean work per group. The sync
-also rules out CUDA-graph capture, where the Triton kernel is used.
+itself (a sync per call). On the GPU the per-group GEMMs run at cuBLAS's dense rate (H100,
+DeepSeek-V3 shard: 1250 TFLOP/s for fprop/dgrad, 946 for wgrad, against 680-715 and 300-333 for
+the Triton kernel), but each call also costs host time: about 57 us per `_scaled_mm_v2` call
+(torch 2.11, measured with the GPU kept busy), 1.9 ms for a grouped fprop of 32 groups, where
+one group's GEMM takes 80-95 us on the GPU. With many small groups the host time dominates and
+the single Triton launch wins; `choose()` picks by the mean work per group. Issuing the calls
+from worker threads on side streams does not help: the same grouped fprop took 3.1 / 4.5 / 5.0
+ms of host time from 2 / 4 / 8 threads. The host copy of offs also rules out CUDA-graph
+capture, where the Triton kernel is used.
 
 Layout rules of cuBLAS (found on the H100, torch 2.11; tests/test_gemm.py runs the loop on CPU
 against a stand-in that asserts them, and on the GPU against cuBLAS itself)
@@ -267,9 +269,9 @@ def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd
     # views made in bulk (one call each) rather than sliced per group
     a_g = a_q[:used].split(sizes)
     o_g = out[:used].split(sizes)
-    _launch([(_fwd_rows, (a_g[g], scales[g], b, bs, o_g[g], dense))
-             for g, (m, b, bs) in enumerate(zip(sizes, b_q.unbind(0), b_s.unbind(0))) if m],
-            a_q.device)
+    for g, (m, b, bs) in enumerate(zip(sizes, b_q.unbind(0), b_s.unbind(0))):
+        if m:
+            _fwd_rows(a_g[g], scales[g], b, bs, o_g[g], dense)
     return out
 
 
@@ -294,9 +296,9 @@ def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_w
     empty = [g for g, n in enumerate(sizes) if n == 0]
     if empty:
         out[empty] = 0
-    _launch([(_wgrad_group, (a_g[g], sa[g], b_g[g], sb[g], o_g[g], start, dense))
-             for g, (start, n) in enumerate(zip((s for s, _ in bounds), sizes)) if n],
-            a_q.device)
+    for g, (start, n) in enumerate(zip((s for s, _ in bounds), sizes)):
+        if n:
+            _wgrad_group(a_g[g], sa[g], b_g[g], sb[g], o_g[g], start, dense)
     return out
 
 
@@ -306,58 +308,6 @@ def _wgrad_group(a, sa, b, sb, out, start, dense):
         width = cdiv(n, ALIGN) * ALIGN  # <= tiles * TILE: the scale tiles still cover it
         a, b = _pad_cols(a, width), _pad_cols(b, width)
     dense(a, sa, b, sb, out)
-
-
-# ---------------------------------------------------------------- launching the calls
-
-#: Host threads that issue the per-group calls on CUDA, each on a stream of its own. A
-#: `_scaled_mm_v2` call costs about 70 us of host time on the H100 machine (torch 2.11), about
-#: as long as one DeepSeek-V3-sized group's GEMM on the GPU, so one thread could not keep the GPU
-#: busy; the calls release the GIL while cuBLASLt plans and launches. 1 issues every call from
-#: the caller's thread on its stream. Environment: FP8FLOW_GEMM_THREADS.
-LAUNCH_THREADS = int(os.environ.get("FP8FLOW_GEMM_THREADS", "4"))
-_pool = None
-_streams: dict = {}
-
-
-def _launch(calls: list, device: torch.device) -> None:
-    """Run calls [(fn, args)]. With LAUNCH_THREADS > 1 they are dealt round-robin to worker
-    threads; on CUDA each worker issues its share on a side stream that first waits for the
-    caller's stream, and the caller's stream then waits for all of them, so the outputs are
-    ready in stream order as if the calls had run on it (and tensors freed afterwards cannot be
-    reused early: any later work on the caller's stream is ordered after the side streams).
-    (On the CPU only the tests' stand-in calls come here, through the same partitioning.)"""
-    n = min(LAUNCH_THREADS, len(calls))
-    if n <= 1:
-        for fn, args in calls:
-            fn(*args)
-        return
-    global _pool
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _pool = ThreadPoolExecutor(LAUNCH_THREADS, thread_name_prefix="fp8flow-gemm")
-    cuda = device.type == "cuda"
-    if cuda:
-        main = torch.cuda.current_stream(device)
-        streams = _streams.setdefault(device, [])
-        while len(streams) < n:
-            streams.append(torch.cuda.Stream(device))
-
-    def work(i):
-        if not cuda:
-            for fn, args in calls[i::n]:
-                fn(*args)
-            return
-        with torch.cuda.stream(streams[i]):
-            streams[i].wait_stream(main)
-            for fn, args in calls[i::n]:
-                fn(*args)
-
-    for f in [_pool.submit(work, i) for i in range(n)]:
-        f.result()  # re-raises a worker's exception here
-    if cuda:
-        for st in streams[:n]:
-            main.wait_stream(st)
 
 
 # ---------------------------------------------------------------- when to use it
