@@ -648,6 +648,9 @@ def test_gpu_grouped_fprop_dgrad_wgrad(gemm_backend, sizes):
     # with the host copy of offs the compiled graph hands over: the same bytes
     oh = offs.clone()
     assert torch.equal(ops.grouped_gemm_fp8(*cu(aq, as_, bq, bs, offs), True, BF16, oh), y)
+    oh_async = ops.offsets_to_host(offs.cuda())  # pinned, filled without waiting
+    assert oh_async.is_pinned() and torch.equal(oh_async, offs)
+    assert torch.equal(ops.grouped_gemm_fp8(*cu(aq, as_, bq, bs, offs), True, BF16, oh_async), y)
 
     ta, tb = Q.quantize_1x128_col_ref(dy, offs), Q.quantize_1x128_col_ref(x, offs)
     a64, b64 = deq_rows(*ta, offs), deq_rows(*tb, offs)

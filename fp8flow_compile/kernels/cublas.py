@@ -130,10 +130,33 @@ def dense_wgrad(a_q: torch.Tensor, a_s_cm: torch.Tensor, b_q: torch.Tensor,
 
 # ---------------------------------------------------------------- grouped: one call per group
 
+def host_copy(offs: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of offs. From a CUDA tensor the copy goes to pinned memory without waiting,
+    and the event that marks its end rides on the returned tensor (`_host_bounds` waits on it
+    before reading)."""
+    if not offs.is_cuda:
+        return offs.to("cpu", copy=True)
+    out = torch.empty(offs.shape, dtype=offs.dtype, pin_memory=True)
+    out.copy_(offs, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(offs.device))
+    out._fp8flow_ready = ready
+    return out
+
+
 def _host_bounds(offs: torch.Tensor, length: int, offs_host: torch.Tensor | None = None
                  ) -> list[tuple[int, int]]:
     """[(start, end)] per group, clamped to [0, length] as the kernels clamp. Reads `offs_host`
-    (a CPU copy of offs) when given, else copies offs to the host (a sync)."""
+    (a CPU copy of offs) when given, else copies offs to the host (a sync). A copy from
+    `host_copy` is read once its event has completed; a CPU copy without that event, made from
+    a CUDA offs, is read after a synchronize of the current stream (it may come from a
+    non-blocking copy whose end nothing else marks)."""
+    if offs_host is not None:
+        ready = getattr(offs_host, "_fp8flow_ready", None)
+        if ready is not None:
+            ready.synchronize()
+        elif offs.is_cuda:
+            torch.cuda.current_stream(offs.device).synchronize()
     bounds, start = [], 0
     for end in (offs if offs_host is None else offs_host).tolist():
         end = min(max(end, start), length)

@@ -605,10 +605,12 @@ def _check_offs_host(offs_host, offs, op):
 
 @torch.library.custom_op("fp8flow::offsets_to_host", mutates_args=())
 def offsets_to_host(offs: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of the group ends `offs` (one device -> host sync). The compiled graph makes
-    it once, where offs is made, and passes it to every grouped GEMM that loops over groups on
-    the host, forward and backward (the backward reads the copy the forward saved)."""
-    return offs.to("cpu", copy=True)
+    """A CPU copy of the group ends `offs`. The compiled graph makes it once, where offs is made,
+    and passes it to every grouped GEMM that loops over groups on the host, forward and backward
+    (the backward reads the copy the forward saved). On CUDA the copy is started without
+    waiting (see cublas.host_copy): the host goes on issuing work and waits only where a
+    grouped GEMM first reads the copy, by which time the GPU is usually past it."""
+    return cublas.host_copy(offs)
 
 
 @offsets_to_host.register_fake
