@@ -81,10 +81,11 @@ K_BLOCKS = 4
 GROUP_WORK = 1e10
 #: fprop/dgrad: fewest waves of 128x128 output tiles per group for `auto` to loop over cuBLAS.
 #: One call per group quantises each group to whole waves, where the Triton kernel fills the
-#: machine with all groups at once: at DeepSeek-V3 sizes the FC2 dgrad (2048 x 2048 outputs per
-#: group, 1.9 waves on 132 SMs) ran at 572 TFLOP/s per group against 666 in one Triton launch,
-#: while FC1 fprop (3.9 waves) ran at 929 against 713.
-WAVES = 3
+#: machine with all groups at once. Measured in the layer (benchmarks/moe_layer.py, H100,
+#: DeepSeek-V3 shard): with the FC2 dgrad (2048 x 2048 outputs per group, 1.9 waves on 132 SMs)
+#: on cuBLAS as well the step took 25.3 ms against 27.3 ms with it on Triton (its loop alone had
+#: timed slower, 3.09 against 2.82 ms, but there the host's launches were what it waited on).
+WAVES = 1
 
 
 def set_gemm_backend(name: str) -> None:
