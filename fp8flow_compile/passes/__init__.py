@@ -2,7 +2,8 @@
 
 Order on the joint graph: find_gemms -> insert_qdq (the naive FP8 graph, counted) ->
 flow_reuse -> flow_hoist -> flow_fuse -> dedupe (counted again) -> flow_combine (the MoE
-combine's scatter-adds, no casts involved).
+combine's scatter-adds, no casts involved) -> flow_recompute (the backward gathers FP8 rows again
+rather than keeping them).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from . import (
     flow_combine,
     flow_fuse,
     flow_hoist,
+    flow_recompute,
     flow_reuse,
     insert_qdq,
 )
 from .graph import Ctx, backward_nodes
 
-FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_combine)
+FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_combine, flow_recompute)
 
 
 def _phase_counts(gm: fx.GraphModule, bwd: set) -> dict[str, dict[str, int]]:

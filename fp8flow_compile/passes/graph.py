@@ -115,6 +115,22 @@ def size_hint(n) -> int:
     return int(n.node.hint)
 
 
+def forward_required(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes of the joint graph that the forward outputs depend on (what the forward graph must
+    compute; the joint graph returns the forward outputs, then one gradient per primal)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    n_primals = sum(1 for n in gm.graph.nodes
+                    if n.op == "placeholder" and "tangents" not in n.name)
+    todo = [a for a in out[:len(out) - n_primals] if isinstance(a, fx.Node)]
+    seen: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
 def backward_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes of the joint graph that depend on a tangent (the backward part)."""
     tangents = {n for n in gm.graph.nodes if n.op == "placeholder" and "tangents" in n.name}
