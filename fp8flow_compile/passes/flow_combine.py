@@ -88,7 +88,8 @@ def _match(n: fx.Node):
         return None
     if (bv.dim() != 2 or sv.dim() != 2 or iv.dim() != 1 or sv.shape[0] != iv.shape[0]
             or sv.shape[1] != bv.shape[1] or bv.dtype != sv.dtype or bv.dtype not in DTYPES
-            or iv.dtype not in (torch.int32, torch.int64) or bv.device != sv.device):
+            or iv.dtype not in (torch.int32, torch.int64) or bv.device != sv.device
+            or iv.device != sv.device):  # torch also takes a CPU index for CUDA rows; not here
         return None
     return base, index, src, wrap
 
