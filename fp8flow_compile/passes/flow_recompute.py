@@ -31,6 +31,10 @@ def _nbytes(v) -> int:
     return 0
 
 
+def _fmt(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     fwd = forward_required(gm)
     for n in gm.graph.nodes:
@@ -47,7 +51,6 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             continue
         for m in (n, *outs):
             m.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-        ctx.log.append(f"recompute: {n.name} (permute_pad_fp8, {size_out / 2**20:.1f} MiB out "
-                       f"from {size_in / 2**20:.1f} MiB in) is gathered again in the backward "
-                       f"instead of saved")
+        ctx.log.append(f"recompute: {n.name} (permute_pad_fp8, {_fmt(size_out)} out from "
+                       f"{_fmt(size_in)} in) is gathered again in the backward instead of saved")
     return gm
