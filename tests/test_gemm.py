@@ -648,9 +648,11 @@ def test_gpu_grouped_fprop_dgrad_wgrad(gemm_backend, sizes):
     # with the host copy of offs the compiled graph hands over: the same bytes
     oh = offs.clone()
     assert torch.equal(ops.grouped_gemm_fp8(*cu(aq, as_, bq, bs, offs), True, BF16, oh), y)
-    oh_async = ops.offsets_to_host(offs.cuda())  # pinned, filled without waiting
-    assert oh_async.is_pinned() and torch.equal(oh_async, offs)
+    # pinned, filled without waiting; the GEMM waits on its event before reading it
+    oh_async = ops.offsets_to_host(offs.cuda())
+    assert oh_async.is_pinned() and oh_async._fp8flow_ready is not None
     assert torch.equal(ops.grouped_gemm_fp8(*cu(aq, as_, bq, bs, offs), True, BF16, oh_async), y)
+    assert torch.equal(oh_async, offs)
 
     ta, tb = Q.quantize_1x128_col_ref(dy, offs), Q.quantize_1x128_col_ref(x, offs)
     a64, b64 = deq_rows(*ta, offs), deq_rows(*tb, offs)
@@ -664,6 +666,17 @@ def test_gpu_grouped_fprop_dgrad_wgrad(gemm_backend, sizes):
             else:
                 assert (dw[g] == 0).all()
             start = end
+
+
+@pytest.mark.gpu
+def test_gpu_host_copy_of_offs_is_read_after_the_copy():
+    """The copy is queued behind a long kernel; the host bounds must still see its values."""
+    offs = torch.tensor([7, 7, 300, 4000], dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the copy
+        host = CB.host_copy(offs * 1)
+        assert not host._fp8flow_ready.query()  # the copy has not run yet
+        assert CB._host_bounds(offs, 4096, host) == [(0, 7), (7, 7), (7, 300), (300, 4000)]
 
 
 @pytest.mark.gpu

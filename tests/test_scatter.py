@@ -3,6 +3,7 @@ CPU, compiled on the GPU) bit-exact against the reference, bad input, and the pa
 `index_add` / `index_put(accumulate=True)` to it."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -102,8 +103,11 @@ def test_op_fake_and_bad_inputs():
     b, idx, src, w = case(5, 64, 11, torch.bfloat16, True, "col", 3)
     torch.library.opcheck(ops.index_add_rows, (b, idx, src, w, 5, False),
                           test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
-    assert torch.equal(ops.index_add_rows(b, idx, src, w, 5), S.index_add_rows_ref(b, idx, src,
-                                                                                  w, 5))
+    # the op (the reference on CPU) against the kernel under the interpreter
+    assert torch.equal(ops.index_add_rows(b, idx, src, w, 5),
+                       S.index_add_rows_triton(b, idx, src, w, 5))
+    with pytest.raises(IndexError, match="no output rows"):  # known from the shapes
+        S.index_add_rows_triton(None, idx, src, None, 0)
     bad = [
         (lambda: ops.index_add_rows(None, idx, src.half(), None, 5), "src must be one of"),
         (lambda: ops.index_add_rows(None, idx[:3], src, None, 5), "one entry per src row"),
@@ -173,7 +177,41 @@ def test_combine_leaves_other_scatters_alone(monkeypatch):
     monkeypatch.setattr(passes, "run_joint", spy)
     torch._dynamo.reset()
     torch.compile(M(), backend="fp8flow", options={"inner": "eager"})(x, idx).backward()
+    assert targets(got[0][0]).count(aten.index_add.default) == 2
     gm, ctx = upto(got[0][0], got[0][1], flow_combine)
+    assert ops.index_add_rows.default not in targets(gm)
+
+
+def _traced(f, *args):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fp8flow_compile.passes.graph import Ctx
+    gm = make_fx(f, tracing_mode="fake")(*args)
+    flow_combine.run(gm, Ctx(recipe=None, options={}, params={}))
+    return gm
+
+
+@pytest.mark.parametrize("fill", [0.0, -0.0])
+def test_combine_keeps_the_base_semantics(fill):
+    """A +0 fill is not read; a -0.0 fill is (rows that receive nothing, or only -0 terms, stay
+    -0.0, as in eager); a non-contiguous base is left to ATen (the op's output is contiguous)."""
+    idx = torch.tensor([0, 2, 0, 2])
+    src = torch.full((4, 8), -0.0)
+    src[1, 3] = 1.5
+
+    def f(idx, src):
+        return torch.full((4, 8), fill).index_add(0, idx, src)
+
+    gm = _traced(f, idx, src)
+    new = [n for n in gm.graph.nodes if n.target is ops.index_add_rows.default]
+    assert len(new) == 1 and (new[0].args[0] is None) == (math.copysign(1.0, fill) > 0)
+    out, want = gm(idx, src), f(idx, src)
+    assert torch.equal(out, want) and torch.equal(torch.signbit(out), torch.signbit(want))
+
+    def g(idx, src):
+        return torch.zeros(8, 4).t().index_add(0, idx, src)
+
+    gm = _traced(g, idx, src)
     assert ops.index_add_rows.default not in targets(gm)
 
 

@@ -118,6 +118,8 @@ def _index_add_rows_kernel(base_ptr, src_ptr, w_ptr, order_ptr, bounds_ptr, out_
 
 def index_add_rows_triton(base, index, src, weight, num_rows, wrap=False):
     N, H = src.shape
+    if N and num_rows == 0:  # every index is out of range, known from the shapes alone
+        raise IndexError(f"fp8flow.{_OP}: {N} source rows but no output rows")
     out = torch.empty(num_rows, H, dtype=src.dtype, device=src.device)
     if num_rows == 0 or H == 0:
         return out

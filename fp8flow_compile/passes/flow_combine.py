@@ -5,7 +5,8 @@ Expects: any joint graph. Guarantees: every
 - `index_add(base, 0, index, src)` (alpha 1), and
 - `index_put(base, [index], src, accumulate=True)` with one index tensor on dim 0,
 
-where base is [T, H], src [N, H] (no broadcasting) and index [N], in bf16 or fp32, becomes
+where base is [T, H] (contiguous), src [N, H] (no broadcasting) and index [N] (on the device of
+the rows), in bf16 or fp32, becomes
 `fp8flow::index_add_rows(base | None, index, src', weight | None, T)` (see kernels/scatter.py):
 no atomics, fp32 accumulation, one rounding, deterministic. A base that is a zero fill is not
 read. Where src = y * w with w a per-row weight [N, 1] of the same dtype and the product used
@@ -18,6 +19,8 @@ These are the MoE layer's combine step (forward) and the backward of its token g
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx as fx
@@ -33,7 +36,8 @@ def _is_zero_fill(n) -> bool:
     if not isinstance(n, fx.Node) or n.op != "call_function":
         return False
     if n.target is aten.full.default:
-        return n.args[1] == 0
+        v = n.args[1]  # +0 only: a -0.0 base keeps rows that receive nothing (or -0) at -0.0
+        return isinstance(v, (int, float)) and v == 0 and math.copysign(1.0, v) > 0
     return n.target in (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)
 
 
@@ -89,7 +93,8 @@ def _match(n: fx.Node):
     if (bv.dim() != 2 or sv.dim() != 2 or iv.dim() != 1 or sv.shape[0] != iv.shape[0]
             or sv.shape[1] != bv.shape[1] or bv.dtype != sv.dtype or bv.dtype not in DTYPES
             or iv.dtype not in (torch.int32, torch.int64) or bv.device != sv.device
-            or iv.device != sv.device):  # torch also takes a CPU index for CUDA rows; not here
+            or iv.device != sv.device  # torch also takes a CPU index for CUDA rows; not here
+            or not bv.is_contiguous()):  # the op returns contiguous rows, index_add base's strides
         return None
     return base, index, src, wrap
 
