@@ -134,7 +134,7 @@ def dense_wgrad(a_q: torch.Tensor, a_s_cm: torch.Tensor, b_q: torch.Tensor,
 def host_copy(offs: torch.Tensor) -> torch.Tensor:
     """A CPU copy of offs. From a CUDA tensor the copy goes to pinned memory without waiting,
     and the event that marks its end rides on the returned tensor (`_host_bounds` waits on it
-    before reading)."""
+    before reading). Pinned buffers come from torch's cache after the first of a size."""
     if not offs.is_cuda:
         return offs.to("cpu", copy=True)
     out = torch.empty(offs.shape, dtype=offs.dtype, pin_memory=True)
