@@ -9,17 +9,17 @@ the fp32 accumulation order (checked against the same reference in the tests).
 
 Cost and when it pays
 ---------------------
-The loop needs the group ends on the host. The compiled graph copies `offs` to the host once
-per step (`fp8flow::offsets_to_host`, placed where offs is made, started without waiting) and
-hands the copy to every grouped GEMM of the step, forward and backward, which wait on its event;
-called without it, each call copies offs itself (a sync per call). On the GPU the per-group GEMMs run at cuBLAS's dense rate (H100,
-DeepSeek-V3 shard: 1250 TFLOP/s for fprop/dgrad, 946 for wgrad, against 680-715 and 300-333 for
-the Triton kernel), but each call also costs host time: about 57 us per `_scaled_mm_v2` call
-(torch 2.11, measured with the GPU kept busy), 1.9 ms for a grouped fprop of 32 groups, where
-one group's GEMM takes 80-95 us on the GPU. With many small groups the host time dominates and
-the single Triton launch wins; `choose()` picks by the mean work per group. Issuing the calls
-from worker threads on side streams does not help: the same grouped fprop took 3.1 / 4.5 / 5.0
-ms of host time from 2 / 4 / 8 threads. The host copy of offs also rules out CUDA-graph
+The loop needs the group ends on the host. The compiled graph copies `offs` to the host once per
+step (`fp8flow::offsets_to_host`, placed where offs is made, started without waiting) and hands the
+copy to every grouped GEMM of the step, forward and backward, which wait on its event; called
+without it, each call copies offs itself (a sync per call). On the GPU the per-group GEMMs run at
+cuBLAS's dense rate (H100, DeepSeek-V3 shard: 1250 TFLOP/s for fprop/dgrad, 946 for wgrad, against
+680-715 and 300-333 for the Triton kernel), but each call also costs host time: about 57 us per
+`_scaled_mm_v2` call (torch 2.11, measured with the GPU kept busy), 1.9 ms for a grouped fprop of
+32 groups, where one group's GEMM takes 80-95 us on the GPU. With many small groups the host time
+dominates and the single Triton launch wins; `choose()` picks by the mean work per group. Issuing
+the calls from worker threads on side streams does not help: the same grouped fprop took 3.1 / 4.5
+/ 5.0 ms of host time from 2 / 4 / 8 threads. The host copy of offs also rules out CUDA-graph
 capture, where the Triton kernel is used.
 
 Layout rules of cuBLAS (found on the H100, torch 2.11; tests/test_gemm.py runs the loop on CPU
