@@ -11,8 +11,9 @@ writes them once more transposed for the dgrad). Quantize nodes carry
 
 Grouped GEMMs that may loop over their groups on the host (cuBLAS per group, see
 kernels/cublas.py; decided here from the shapes) also get `offsets_to_host(offs)`: one CPU copy
-of the group ends per offs, made right where offs is, shared by the forward and (saved) by the
-backward, so a step syncs once instead of once per grouped GEMM.
+of the group ends per offs, started right where offs is made without waiting, shared by the
+forward and (saved) by the backward, so a step copies offs once instead of synchronising once per
+grouped GEMM.
 """
 
 from __future__ import annotations
