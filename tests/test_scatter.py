@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_passes import capture, targets, upto
+from test_passes import moe_joint, targets, upto  # noqa: F401  (moe_joint: a fixture)
 
 from examples.moe import MoE
 from fp8flow_compile.errors import Fp8Unsupported
@@ -122,17 +122,9 @@ def test_op_fake_and_bad_inputs():
 
 # ---------------------------------------------------------------- the pass
 
-@pytest.fixture
-def moe_graph(monkeypatch):
-    torch.manual_seed(0)
-    got = capture(MoE(256, 128, 4, 2), torch.randn(48, 256, dtype=torch.bfloat16), monkeypatch)
-    return next((gm, ctx) for gm, ctx in got if any(
-        n.target is aten._grouped_mm.default for n in gm.graph.nodes))
-
-
-def test_combine_lowers_the_moe_scatters(moe_graph):
+def test_combine_lowers_the_moe_scatters(moe_joint):  # noqa: F811  (the imported fixture)
     stages = (find_gemms, insert_qdq, dedupe, flow_reuse, flow_hoist, flow_fuse, dedupe)
-    gm, ctx = upto(*moe_graph, *stages)
+    gm, ctx = upto(*moe_joint, *stages)
     before = targets(gm)
     assert before.count(aten.index_add.default) == 1  # the combine
     two_d = [n for n in gm.graph.nodes if n.target is aten.index_put.default
@@ -152,36 +144,6 @@ def test_combine_lowers_the_moe_scatters(moe_graph):
     assert len(ctx2.log) == 2 and "row weight fused" in " ".join(ctx2.log)
 
 
-def test_combine_leaves_other_scatters_alone(monkeypatch):
-    class M(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16))
-
-        def forward(self, x, idx):
-            y = x @ self.w
-            a = torch.zeros(8, 64, dtype=x.dtype).index_add(0, idx, y, alpha=2)  # alpha != 1
-            b = torch.zeros(64, 8, dtype=x.dtype).index_add(1, idx, y.t())  # along dim 1
-            return a.sum() + b.sum()
-
-    x = torch.randn(16, 64, dtype=torch.bfloat16, requires_grad=True)
-    idx = torch.randint(0, 8, (16,))
-    got = []
-    from fp8flow_compile import passes
-    real = passes.run_joint
-
-    def spy(gm, ctx):
-        got.append((copy.deepcopy(gm), ctx))
-        return real(gm, ctx)
-
-    monkeypatch.setattr(passes, "run_joint", spy)
-    torch._dynamo.reset()
-    torch.compile(M(), backend="fp8flow", options={"inner": "eager"})(x, idx).backward()
-    assert targets(got[0][0]).count(aten.index_add.default) == 2
-    gm, ctx = upto(got[0][0], got[0][1], flow_combine)
-    assert ops.index_add_rows.default not in targets(gm)
-
-
 def _traced(f, *args):
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -189,6 +151,19 @@ def _traced(f, *args):
     gm = make_fx(f, tracing_mode="fake")(*args)
     flow_combine.run(gm, Ctx(recipe=None, options={}, params={}))
     return gm
+
+
+def test_combine_leaves_other_scatters_alone():
+    def f(idx, src):
+        a = torch.zeros(8, 64, dtype=src.dtype).index_add(0, idx, src, alpha=2)  # alpha != 1
+        b = torch.zeros(64, 8, dtype=src.dtype).index_add(1, idx, src.t())  # along dim 1
+        return a, b
+
+    idx = torch.randint(0, 8, (16,))
+    src = torch.randn(16, 64, dtype=torch.bfloat16)
+    gm = _traced(f, idx, src)
+    assert targets(gm).count(aten.index_add.default) == 2
+    assert ops.index_add_rows.default not in targets(gm)
 
 
 @pytest.mark.parametrize("fill", [0.0, -0.0])
