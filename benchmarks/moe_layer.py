@@ -8,6 +8,8 @@ Variants (keys for `--variants`):
 - ``fp8_naive``      "fp8 naive": `backend=fp8flow, options={"flow": False}`, every GEMM operand
   quantized from its high-precision value (the Q/DQ graph before the flow rewrites).
 - ``fp8flow``        "fp8flow": `backend=fp8flow` with its default options.
+- ``fp8flow_all``    "fp8flow, all GEMMs FP8": the same with `fp8_min_intensity=0`, so weights
+  the default leaves in BF16 as too small for FP8 to pay (the OLMoE-like shape) go to FP8 anyway.
 - ``fp8flow_triton`` "fp8flow triton GEMMs": the same with every FP8 GEMM forced onto the Triton
   kernels (`set_gemm_backend("triton")`), where the default picks cuBLAS per group at large
   groups (see fp8flow_compile/kernels/cublas.py).
@@ -122,12 +124,14 @@ VARIANTS = {
     "bf16_compiled": "bf16 compiled",
     "fp8_naive": "fp8 naive",
     "fp8flow": "fp8flow",
+    "fp8flow_all": "fp8flow, all GEMMs FP8",
     "fp8flow_triton": "fp8flow triton GEMMs",
     "fp8_hand": "fp8 hand-wired",
     "torchao_fp8": "torchao fp8 rowwise",
     "torchao_fp8_eager": "torchao fp8 rowwise eager",
 }
 BASELINE = "bf16_compiled"
+FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_triton")
 ZIPF_S = 1.2
 MIB = 1 << 20
 
@@ -288,8 +292,9 @@ def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: 
     torch._dynamo.reset()
     if key == "bf16_compiled":
         return torch.compile(m), m, info
-    if key in ("fp8_naive", "fp8flow", "fp8flow_triton"):
-        opts = {**fp8_opts, **({"flow": False} if key == "fp8_naive" else {})}
+    if key in FP8FLOW_KEYS:
+        opts = {**fp8_opts, **{"fp8_naive": {"flow": False},
+                               "fp8flow_all": {"fp8_min_intensity": 0}}.get(key, {})}
         info["options"] = opts
         ff.last_report().records.clear()
         return torch.compile(m, backend=ff.fp8flow, options=opts), m, info
@@ -509,7 +514,7 @@ def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) 
     step()
     sync(dev)
     row["first_call_s"] = time.perf_counter() - t0
-    if key in ("fp8_naive", "fp8flow", "fp8flow_triton"):
+    if key in FP8FLOW_KEYS:
         try:
             row["fp8flow_report"] = ff.last_report().summary()
         except Exception as e:  # the report is informative only

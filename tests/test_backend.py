@@ -138,6 +138,39 @@ def test_unsupported_shapes_and_dtypes_stay_bf16_with_reasons():
     torch.testing.assert_close(y32, m32(x32))
 
 
+def test_small_weights_stay_bf16_by_intensity(moe_setup):
+    """A weight goes to FP8 only where 1 / (1/M + 1/K + 1/N) of its forward GEMM reaches
+    options["fp8_min_intensity"]. Here P = 96 x 2 rows over 4 groups, M = 48: w13 (K 256,
+    N 256) has 35.6, w2 (K 128, N 256) 31.0; a threshold between them splits the two."""
+    from fp8flow_compile.passes.find_gemms import MIN_INTENSITY_CUDA, min_intensity
+    ref, bf, x, gy = moe_setup
+    y32, dx32, g32 = fwd_bwd(ref, x, gy)
+    yf, dxf, gf = fwd_bwd(compiled(copy.deepcopy(bf), inner="eager", fp8_min_intensity=33.0),
+                          x.bfloat16(), gy.bfloat16())
+    gemms = [g for r in ff.last_report().records for g in r.gemms]
+    by_weight = {w: {g["fp8"] for g in gemms if g["weight"] == w} for w in ("w13", "w2")}
+    assert by_weight == {"w13": {True}, "w2": {False}}
+    why = {g["reason"] for g in gemms if g["weight"] == "w2"}
+    assert len(why) == 1 and "intensity 31 " in why.pop()
+    assert rel(yf, y32) < FP8_REL and rel(gf["w2"], g32["w2"]) < FP8_REL
+
+    # Above every GEMM: the layer is BF16 throughout; its error is BF16's, not FP8's.
+    yb, dxb, gb = fwd_bwd(compiled(copy.deepcopy(bf), inner="eager", fp8_min_intensity=1e6),
+                          x.bfloat16(), gy.bfloat16())
+    s = ff.last_report().summary()
+    assert s["gemms_fp8"] == 0 and s["casts_after"] == 0
+    # BF16 rounding of inputs, weights and two GEMM outputs: ~2^-8 each, ~1e-2 together;
+    # FP8 here measures 6e-2.
+    assert rel(yb, y32) < 2e-2 and rel(dxb, dx32) < 2e-2
+    assert min_intensity({}, torch.device("cuda")) == MIN_INTENSITY_CUDA
+    assert min_intensity({}, torch.device("cpu")) == 0.0
+    for bad in (-1, "big", True):
+        # Dynamo wraps the backend's ValueError in BackendCompilerFailed.
+        with pytest.raises((ValueError, torch._dynamo.exc.BackendCompilerFailed),
+                           match="fp8_min_intensity"):
+            compiled(copy.deepcopy(bf), fp8_min_intensity=bad)(x.bfloat16())
+
+
 def test_report_renders_text_and_html(tmp_path, moe_setup):
     _, bf, x, _ = moe_setup
     rep = ff.explain(bf, x.bfloat16())

@@ -7,7 +7,8 @@ phase, and `fp8` set with a `reason` for every GEMM left in BF16. The graph is n
 
 Rules, in order: operands must be BF16/FP16 (FP32 GEMMs are the user's choice of precision);
 batched matmul stays BF16; the router (a GEMM whose output reaches top-k) stays BF16 unless
-`options["fp8_router"]`; `options["exclude"]` / `options["include"]` match parameter paths; the
+`options["fp8_router"]`; `options["exclude"]` / `options["include"]` match parameter paths; on
+CUDA a weight whose GEMMs are too small for FP8 to pay stays BF16 (`intensity`, below); the
 contracted dim of fprop/dgrad forms must be a multiple of the scale tile. Backward GEMMs follow
 the forward GEMM of the same weight when that one was kept in BF16 by policy (router, exclude).
 """
@@ -19,11 +20,22 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, backward_nodes, strip, val
+from .graph import Ctx, backward_nodes, size_hint, strip, val
 
 aten = torch.ops.aten
 GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._grouped_mm.default}
 LOW = (torch.bfloat16, torch.float16)
+
+#: Default `options["fp8_min_intensity"]` on CUDA devices. FP8 saves GEMM time in proportion to
+#: the multiply-adds, M*K*N per group, and costs quantization traffic in proportion to the
+#: operands, M*K (input), M*N (gradient) and K*N per group (weight); so whether it pays depends on
+#: their ratio, the arithmetic intensity of one group's GEMM, M*K*N / (M*K + M*N + K*N) =
+#: 1 / (1/M + 1/K + 1/N), M the mean rows per group. Measured in the layer on the H100
+#: (docs/benchmarks.md, "Which weights pay"), every weight at 878 or more sped the layer up with
+#: the other weight in FP8 too or alone, at 683 or less none gained more than 2%, and
+#: at 819 an FC1 alone slowed it (0.98x) while an FC2 alone sped it up (1.13x) but not beside an
+#: FP8 FC1 (1.09x with both against 1.23x with the FC1 alone).
+MIN_INTENSITY_CUDA = 850.0
 
 
 @dataclasses.dataclass
@@ -118,6 +130,10 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             policy_bf16[g.weight] = f"excluded by options['exclude'] ({g.weight})"
         elif opts.get("include") and not any(s in g.weight for s in opts["include"]):
             policy_bf16[g.weight] = f"not matched by options['include'] ({g.weight})"
+        else:
+            small = _too_small(g, opts)
+            if small:
+                policy_bf16[g.weight] = small
     weight_of_param = {name: path for name, (is_p, path) in ctx.params.items() if is_p}
 
     for g in gemms:
@@ -156,3 +172,39 @@ def _shape_rule(g: Gemm) -> tuple[bool, str]:
     if g.kind in ("grouped", "grouped_wgrad") and g.offs is None:
         return False, "grouped GEMM without offsets"
     return True, "FP8"
+
+
+def min_intensity(opts: dict, device: torch.device) -> float:
+    """The intensity threshold in force: `options["fp8_min_intensity"]`, else MIN_INTENSITY_CUDA
+    on CUDA and 0 elsewhere (the CPU runs the FP8 references to check numerics, not for speed)."""
+    v = opts.get("fp8_min_intensity")
+    if v is None:
+        return MIN_INTENSITY_CUDA if device.type == "cuda" else 0.0
+    return float(v)
+
+
+def intensity(g: Gemm) -> float:
+    """1 / (1/M + 1/K + 1/N) of a forward GEMM: M rows per group (mean), K contracted, N out."""
+    va, vo = val(g.a), val(g.node)
+    rows, k, n = (size_hint(d) for d in (va.shape[0], va.shape[-1], vo.shape[-1]))
+    groups = size_hint(val(g.offs).shape[0]) if g.offs is not None else 1
+    m = rows / max(groups, 1)
+    if min(m, k, n) <= 0:
+        return 0.0
+    return 1.0 / (1.0 / m + 1.0 / k + 1.0 / n)
+
+
+def _too_small(g: Gemm, opts: dict) -> str:
+    """Why the weight's GEMMs stay BF16 for their size, or "" if they may go to FP8."""
+    limit = min_intensity(opts, val(g.a).device)
+    if limit <= 0:
+        return ""
+    got = intensity(g)
+    if got >= limit:
+        return ""
+    va, vo = val(g.a), val(g.node)
+    groups = size_hint(val(g.offs).shape[0]) if g.offs is not None else 1
+    dims = (f"{size_hint(va.shape[0]) / max(groups, 1):.0f} rows per group x "
+            f"{size_hint(va.shape[-1])} x {size_hint(vo.shape[-1])}")
+    return (f"too small for FP8 to pay: intensity {got:.0f} ({dims}) < "
+            f"options['fp8_min_intensity']={limit:g}")
