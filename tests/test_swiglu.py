@@ -289,6 +289,58 @@ def test_swiglu_quant_backward_triton_matches_torch_bytes(kind, dtype, with_prob
         assert dp.shape == dp_ref.shape == (0,)
 
 
+# ---------------------------------------------------------------- h saved in FP8
+
+
+def check_save(fn, h, probs):
+    """swiglu_quant_save = swiglu_quant's (q, s) and quantize_1x128 of h, bit for bit."""
+    if fn is S.swiglu_quant_triton:
+        (q, s, hq, hs), (q0, s0) = fn(h, probs, save_h=True), fn(h, probs)
+    else:
+        (q, s, hq, hs), (q0, s0) = fn(h, probs), S.swiglu_quant_ref(h, probs)
+    assert same_bytes(q, q0) and torch.equal(s, s0)
+    hq1, hs1 = quantize_1x128_ref(h.float())
+    assert hq.shape == h.shape and hs.shape == (h.shape[0], h.shape[1] // TILE)
+    assert same_bytes(hq, hq1) and torch.equal(hs, hs1)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("kind, dtype", [("heavy", torch.bfloat16), ("large", torch.float32),
+                                         ("tiny", torch.bfloat16)])
+def test_swiglu_quant_save_is_swiglu_quant_plus_quantized_h(impl, kind, dtype):
+    P, N = 45, 384
+    h = make_h(P, N, 40, kind, dtype)
+    probs = make_probs(P, 41, pad=5)
+    check_save(S.swiglu_quant_save_ref if impl == "ref" else S.swiglu_quant_triton, h, probs)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("kind, dtype, with_probs", BACKWARD_CASES)
+def test_backward_from_fp8_h_is_the_backward_of_its_value(impl, kind, dtype, with_probs):
+    """Decoding E4M3 and multiplying by a power-of-two scale is exact in fp32, so the backward
+    read from the FP8 copy of h equals, bit for bit, the backward of the dequantized h (fp32);
+    the float64 bound then holds against that h. What the copy costs is h's own rounding, at
+    most 2^-4 relative per element (checked in the layer tests)."""
+    P, N = 45, 384
+    h = make_h(P, N, 42, kind, dtype)
+    probs = make_probs(P, 43, pad=5) if with_probs else None
+    dy = make_dy(P, N, 44, dtype)
+    hq, hs = quantize_1x128_ref(h.float())
+    h_deq = dequantize_1x128_ref(hq, hs, None, torch.float32)
+    if impl == "ref":
+        got = S.swiglu_quant_backward_ref(dy, hq, probs, hs)
+        want = S.swiglu_quant_backward_ref(dy, h_deq, probs)
+    else:
+        v, v0 = torch.empty(P, 2 * N), torch.empty(P, 2 * N)
+        got = S.swiglu_quant_backward_triton(dy, hq, probs, hs, value_out=v)
+        want = S.swiglu_quant_backward_triton(dy, h_deq, probs, value_out=v0)
+        assert torch.equal(v, v0)
+    assert same_bytes(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[2], want[2])
+    dh64, _, dh_slack, _ = backward64(dy, h_deq, probs)
+    check_fp8_bound(got[0], got[1], dh64, dh_slack)
+
+
 # ---------------------------------------------------------------- NaN rule
 
 
@@ -374,6 +426,11 @@ def test_custom_ops_dispatch_and_fake():
         torch.library.opcheck(torch.ops.fp8flow.swiglu_quant.default, (h, p), test_utils=fake)
         torch.library.opcheck(torch.ops.fp8flow.swiglu_quant_backward.default, (dy, h, p),
                               test_utils=fake)
+        torch.library.opcheck(torch.ops.fp8flow.swiglu_quant_save.default, (h, p),
+                              test_utils=fake)
+        hq, hs = quantize_1x128_ref(h.float())
+        torch.library.opcheck(torch.ops.fp8flow.swiglu_quant_backward.default, (dy, hq, p, hs),
+                              test_utils=fake)
         torch.library.opcheck(torch.ops.fp8flow.swiglu.default, (h, p))
         torch.library.opcheck(torch.ops.fp8flow.swiglu_backward.default, (dy, h, p))
 
@@ -406,6 +463,13 @@ def _h(*shape, dtype=torch.bfloat16):
     (lambda: torch.ops.fp8flow.swiglu_quant_backward(_h(4, 256), _h(4, 256)),
      r"dy must have shape \(4, 128\)"),
     (lambda: torch.ops.fp8flow.swiglu_quant_backward(_h(128, 4).t(), _h(4, 256)), "contiguous"),
+    (lambda: torch.ops.fp8flow.swiglu_quant_backward(_h(4, 128), _h(4, 256).to(FP8)),
+     "needs its 1x128 scales"),
+    (lambda: torch.ops.fp8flow.swiglu_quant_backward(_h(4, 128), _h(4, 256).to(FP8), None,
+                                                     torch.ones(4, 1)), r"h_scales must be"),
+    (lambda: torch.ops.fp8flow.swiglu_quant_backward(_h(4, 128), _h(4, 256), None,
+                                                     torch.ones(4, 2)), "only for an FP8 h"),
+    (lambda: torch.ops.fp8flow.swiglu_quant_save(_h(4, 200)), "must be a multiple"),
     (lambda: torch.ops.fp8flow.swiglu(_h(4, 201)), "must be even"),
     (lambda: torch.ops.fp8flow.swiglu_backward(_h(4, 96), _h(4, 96)), r"dy must have shape"),
 ])
@@ -457,6 +521,28 @@ def test_gpu_swiglu_quant_backward_matches_reference(kind, dtype, with_probs):
         assert ((dp.cpu().double() - dp64).abs() <= dp_slack).all()
     else:
         assert dp.shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, dtype, with_probs", BACKWARD_CASES)
+def test_gpu_fp8_h_save_and_backward(kind, dtype, with_probs):
+    P, N = 1000, 1024
+    h = make_h(P, N, 45, kind, dtype)
+    probs = make_probs(P, 46, pad=24) if with_probs else None
+    dy = make_dy(P, N, 47, dtype)
+    pc = None if probs is None else probs.cuda()
+    q, s, hq, hs = torch.ops.fp8flow.swiglu_quant_save(h.cuda(), pc)
+    q0, s0 = torch.ops.fp8flow.swiglu_quant(h.cuda(), pc)
+    assert same_bytes(q, q0) and torch.equal(s, s0)
+    hq1, hs1 = quantize_1x128_ref(h.float())
+    assert same_bytes(hq.cpu(), hq1) and torch.equal(hs.cpu(), hs1)
+    h_deq = dequantize_1x128_ref(hq1, hs1, None, torch.float32)
+    got = torch.ops.fp8flow.swiglu_quant_backward(dy.cuda(), hq, pc, hs)
+    want = torch.ops.fp8flow.swiglu_quant_backward(dy.cuda(), h_deq.cuda(), pc)
+    assert same_bytes(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[2], want[2])
+    dh64, _, dh_slack, _ = backward64(dy, h_deq, probs)
+    check_fp8_bound(got[0].cpu(), got[1].cpu(), dh64, dh_slack)
 
 
 @pytest.mark.gpu

@@ -16,6 +16,12 @@ dh is quantized row-wise along 2I because the FC1 dgrad GEMM contracts 2I; its f
 columns belong to d_gate, the rest to d_up. dprobs is [0] when probs is None. I must be a
 multiple of 128 so no tile straddles the gate/up boundary.
 
+Saving h in FP8 (as DeepSeek-V3 caches the SwiGLU inputs): `swiglu_quant_save(h, probs)` also
+returns h quantized 1x128 along 2I, (h_q [P, 2I] E4M3, h_s [P, 2I/128]), from the same pass over
+h; `swiglu_quant_backward(dy, h_q, probs, h_s)` then reads the dequantized h. The forward output
+is computed from h itself; only the backward sees h's rounding (relative 2^-4 at most per
+element), half the bytes to keep between forward and backward.
+
 Everything is computed in fp32: silu(g) = g * sigmoid(g), silu'(g) = sigmoid(g) * (1 + g *
 (1 - sigmoid(g))), with sigmoid and 1 - sigmoid formed from e = exp(-|g|) (1 / (1 + e) and
 e / (1 + e)), so exp never overflows: a very negative g gives a tiny silu (-0 once exp(g)
@@ -39,7 +45,7 @@ from ..recipe import TILE
 from . import fp8_math as fm
 from .common import FP8, HIGH, use_triton
 from .groups import cdiv
-from .quantize import quantize_1x128_ref
+from .quantize import dequantize_1x128_ref, quantize_1x128_ref
 
 # ---------------------------------------------------------------- torch reference (any device)
 
@@ -69,9 +75,23 @@ def swiglu_quant_ref(h: torch.Tensor, probs: torch.Tensor | None = None
     return quantize_1x128_ref(swiglu_ref(h, probs))
 
 
-def swiglu_backward_ref(dy: torch.Tensor, h: torch.Tensor, probs: torch.Tensor | None = None
+def swiglu_quant_save_ref(h: torch.Tensor, probs: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (*swiglu_quant_ref(h, probs), *quantize_1x128_ref(h.float()))
+
+
+def _h_value(h: torch.Tensor, h_scales: torch.Tensor | None) -> torch.Tensor:
+    """h as fp32: decoded and scaled if it is the FP8 copy."""
+    if h_scales is None:
+        return h.float()
+    return dequantize_1x128_ref(h, h_scales, None, torch.float32)
+
+
+def swiglu_backward_ref(dy: torch.Tensor, h: torch.Tensor, probs: torch.Tensor | None = None,
+                        h_scales: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh [P, 2I] fp32, dprobs [P] fp32 or [0])."""
+    h = _h_value(h, h_scales)
     half = h.shape[1] // 2
     g, u = h[:, :half].float(), h[:, half:].float()
     d = dy.float()
@@ -88,9 +108,10 @@ def swiglu_backward_ref(dy: torch.Tensor, h: torch.Tensor, probs: torch.Tensor |
 
 
 def swiglu_quant_backward_ref(dy: torch.Tensor, h: torch.Tensor,
-                              probs: torch.Tensor | None = None
+                              probs: torch.Tensor | None = None,
+                              h_scales: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dh, dprobs = swiglu_backward_ref(dy, h, probs)
+    dh, dprobs = swiglu_backward_ref(dy, h, probs, h_scales)
     return (*quantize_1x128_ref(dh), dprobs)
 
 
@@ -109,9 +130,10 @@ def _sigmoid(g):
 
 
 @triton.jit
-def _swiglu_quant_kernel(h_ptr, p_ptr, q_ptr, s_ptr, v_ptr, P, half, T,
+def _swiglu_quant_kernel(h_ptr, p_ptr, q_ptr, s_ptr, v_ptr, hq_ptr, hs_ptr, P, half, T,
                          BLOCK_R: tl.constexpr, TILE_: tl.constexpr,
-                         HAS_PROBS: tl.constexpr, STORE_VALUE: tl.constexpr):
+                         HAS_PROBS: tl.constexpr, STORE_VALUE: tl.constexpr,
+                         SAVE_H: tl.constexpr):
     pid_r = tl.program_id(0)
     t = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -121,6 +143,10 @@ def _swiglu_quant_kernel(h_ptr, p_ptr, q_ptr, s_ptr, v_ptr, P, half, T,
     h_offs = rows[:, None].to(tl.int64) * (2 * half) + cols[None, :]
     g = tl.load(h_ptr + h_offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(h_ptr + h_offs + half, mask=mask, other=0.0).to(tl.float32)
+    if SAVE_H:  # h's own 1x128 tiles: gate tile t, then up tile t (scale column T + t)
+        hs_row = hs_ptr + rows.to(tl.int64) * (2 * T) + t
+        fm.store_quantized_rows(g, hq_ptr + h_offs, hs_row, mask, rmask)
+        fm.store_quantized_rows(u, hq_ptr + h_offs + half, hs_row + T, mask, rmask)
     y = g * _sigmoid(g)[0] * u
     if HAS_PROBS:
         p = tl.load(p_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -132,9 +158,10 @@ def _swiglu_quant_kernel(h_ptr, p_ptr, q_ptr, s_ptr, v_ptr, P, half, T,
 
 
 @triton.jit
-def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, p_ptr, q_ptr, s_ptr, dp_ptr, v_ptr, P,
+def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, hs_ptr, p_ptr, q_ptr, s_ptr, dp_ptr, v_ptr, P,
                              T: tl.constexpr, BLOCK_R: tl.constexpr, TILE_: tl.constexpr,
-                             HAS_PROBS: tl.constexpr, STORE_VALUE: tl.constexpr):
+                             HAS_PROBS: tl.constexpr, STORE_VALUE: tl.constexpr,
+                             H_FP8: tl.constexpr):
     # One program per row block walks all of I, so dprobs is summed in one fixed order
     # (deterministic, no atomics, no second pass). T = I / TILE_ tiles per half of dh; it is a
     # constexpr because the interpreter (triton 3.6 with numpy 2) cannot loop to a runtime
@@ -151,8 +178,15 @@ def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, p_ptr, q_ptr, s_ptr, dp_ptr, v_ptr, 
         cols = t * TILE_ + tl.arange(0, TILE_)
         mask = rmask[:, None] & (cols < half)[None, :]
         h_offs = rows64[:, None] * (2 * half) + cols[None, :]
-        g = tl.load(h_ptr + h_offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(h_ptr + h_offs + half, mask=mask, other=0.0).to(tl.float32)
+        if H_FP8:  # h_ptr: the E4M3 bytes of h, hs_ptr its 1x128 scales [P, 2T]
+            hs_row = hs_ptr + rows64 * (2 * T) + t
+            g = fm.e4m3_to_f32(tl.load(h_ptr + h_offs, mask=mask, other=0)) * \
+                tl.load(hs_row, mask=rmask, other=1.0)[:, None]
+            u = fm.e4m3_to_f32(tl.load(h_ptr + h_offs + half, mask=mask, other=0)) * \
+                tl.load(hs_row + T, mask=rmask, other=1.0)[:, None]
+        else:
+            g = tl.load(h_ptr + h_offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(h_ptr + h_offs + half, mask=mask, other=0.0).to(tl.float32)
         d = tl.load(dy_ptr + rows64[:, None] * half + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         sig, sig_c = _sigmoid(g)
@@ -178,39 +212,46 @@ _BLOCK_R = 32
 
 
 def swiglu_quant_triton(h: torch.Tensor, probs: torch.Tensor | None = None,
-                        value_out: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """value_out (fp32 [P, I], optional) receives the fp32 values the kernel quantized, so tests
-    can check the quantization bit-exactly apart from the transcendental's last ulp."""
+                        value_out: torch.Tensor | None = None, save_h: bool = False
+                        ) -> tuple[torch.Tensor, ...]:
+    """(q, s), and with save_h also (h_q, h_s). value_out (fp32 [P, I], optional) receives the
+    fp32 values the kernel quantized, so tests can check the quantization bit-exactly apart from
+    the transcendental's last ulp."""
     P, half = h.shape[0], h.shape[1] // 2
     T = half // TILE
     q = torch.empty(P, half, dtype=FP8, device=h.device)
     s = torch.empty(P, T, dtype=torch.float32, device=h.device)
+    hq = torch.empty(P, 2 * half if save_h else 0, dtype=FP8, device=h.device)
+    hs = torch.empty(P, 2 * T if save_h else 0, dtype=torch.float32, device=h.device)
     if P and T:
         _swiglu_quant_kernel[(cdiv(P, _BLOCK_R), T)](
             h, h if probs is None else probs, q.view(torch.uint8), s,
-            s if value_out is None else value_out, P, half, T,
+            s if value_out is None else value_out, hq.view(torch.uint8), hs, P, half, T,
             BLOCK_R=_BLOCK_R, TILE_=TILE, HAS_PROBS=probs is not None,
-            STORE_VALUE=value_out is not None)
-    return q, s
+            STORE_VALUE=value_out is not None, SAVE_H=save_h)
+    return (q, s, hq, hs) if save_h else (q, s)
 
 
 def swiglu_quant_backward_triton(dy: torch.Tensor, h: torch.Tensor,
                                  probs: torch.Tensor | None = None,
+                                 h_scales: torch.Tensor | None = None,
                                  value_out: torch.Tensor | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """value_out (fp32 [P, 2I], optional): the fp32 dh the kernel quantized, for tests."""
+    """h: high precision, or the FP8 copy with its 1x128 scales h_scales. value_out (fp32
+    [P, 2I], optional): the fp32 dh the kernel quantized, for tests."""
     P, half = h.shape[0], h.shape[1] // 2
     T = half // TILE
     q = torch.empty(P, 2 * half, dtype=FP8, device=h.device)
     s = torch.empty(P, 2 * T, dtype=torch.float32, device=h.device)
     dprobs = torch.empty(0 if probs is None else P, dtype=torch.float32, device=h.device)
     if P and T:
+        fp8_h = h_scales is not None
         _swiglu_quant_bwd_kernel[(cdiv(P, _BLOCK_R),)](
-            dy, h, h if probs is None else probs, q.view(torch.uint8), s,
+            dy, h.view(torch.uint8) if fp8_h else h, h_scales if fp8_h else s,
+            dy if probs is None else probs, q.view(torch.uint8), s,
             s if probs is None else dprobs, s if value_out is None else value_out, P, T=T,
             BLOCK_R=_BLOCK_R, TILE_=TILE, HAS_PROBS=probs is not None,
-            STORE_VALUE=value_out is not None)
+            STORE_VALUE=value_out is not None, H_FP8=fp8_h)
     elif probs is not None:
         dprobs.zero_()  # I == 0: an empty sum
     return q, s, dprobs
@@ -219,9 +260,19 @@ def swiglu_quant_backward_triton(dy: torch.Tensor, h: torch.Tensor,
 # ---------------------------------------------------------------- checks
 
 
-def _check_h(h: torch.Tensor, probs: torch.Tensor | None, op: str, tiled: bool = True) -> None:
+def _check_h(h: torch.Tensor, probs: torch.Tensor | None, op: str, tiled: bool = True,
+             h_scales: torch.Tensor | None = None, fp8_ok: bool = False) -> None:
     require(h.dim() == 2, op, f"h must be 2-D [P, 2I], got shape {tuple(h.shape)}")
-    require_dtype(h, HIGH, op, "h")
+    if h.dtype == FP8 and fp8_ok:
+        require(h_scales is not None, op, "an FP8 h needs its 1x128 scales (h_scales)")
+        T2 = h.shape[1] // TILE
+        require(h_scales.dtype == torch.float32 and tuple(h_scales.shape) == (h.shape[0], T2)
+                and h_scales.is_contiguous() and h_scales.device == h.device, op,
+                f"h_scales must be contiguous fp32 [{h.shape[0]}, {T2}] on {h.device}, got "
+                f"{h_scales.dtype} {tuple(h_scales.shape)} on {h_scales.device}")
+    else:
+        require_dtype(h, HIGH, op, "h")
+        require(h_scales is None, op, f"h_scales is only for an FP8 h; h is {h.dtype}")
     require(h.is_contiguous(), op, f"h must be contiguous, got strides {tuple(h.stride())}")
     C = h.shape[1]
     require(C % 2 == 0, op, f"h.shape[1] = 2I = {C} must be even ([gate, up] halves)")
@@ -264,19 +315,39 @@ def _(h, probs=None):
     return h.new_empty(P, half, dtype=FP8), h.new_empty(P, half // TILE, dtype=torch.float32)
 
 
+@torch.library.custom_op("fp8flow::swiglu_quant_save", mutates_args=())
+def swiglu_quant_save(h: torch.Tensor, probs: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """swiglu_quant's (q, s), plus h quantized 1x128 along 2I for the backward to keep:
+    (q [P, I], s [P, I/128], h_q [P, 2I] E4M3, h_s [P, 2I/128] fp32), one pass over h."""
+    _check_h(h, probs, "swiglu_quant_save")
+    if use_triton(h):
+        return swiglu_quant_triton(h, probs, save_h=True)
+    return swiglu_quant_save_ref(h, probs)
+
+
+@swiglu_quant_save.register_fake
+def _(h, probs=None):
+    P, C = h.shape
+    return (h.new_empty(P, C // 2, dtype=FP8), h.new_empty(P, C // 2 // TILE, dtype=torch.float32),
+            h.new_empty(P, C, dtype=FP8), h.new_empty(P, C // TILE, dtype=torch.float32))
+
+
 @torch.library.custom_op("fp8flow::swiglu_quant_backward", mutates_args=())
-def swiglu_quant_backward(dy: torch.Tensor, h: torch.Tensor, probs: torch.Tensor | None = None
+def swiglu_quant_backward(dy: torch.Tensor, h: torch.Tensor, probs: torch.Tensor | None = None,
+                          h_scales: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient of swiglu_quant's SwiGLU w.r.t. h, quantized 1x128 along 2I, and w.r.t. probs:
-    (dh_q [P, 2I] E4M3, dh_s [P, 2I/128] fp32, dprobs [P] fp32, or [0] without probs)."""
-    _check_h(h, probs, "swiglu_quant_backward")
+    (dh_q [P, 2I] E4M3, dh_s [P, 2I/128] fp32, dprobs [P] fp32, or [0] without probs).
+    h is the high-precision FC1 output, or its FP8 copy from swiglu_quant_save with h_scales."""
+    _check_h(h, probs, "swiglu_quant_backward", h_scales=h_scales, fp8_ok=True)
     _check_dy(dy, h, "swiglu_quant_backward")
     fn = swiglu_quant_backward_triton if use_triton(h) else swiglu_quant_backward_ref
-    return fn(dy, h, probs)
+    return fn(dy, h, probs, h_scales)
 
 
 @swiglu_quant_backward.register_fake
-def _(dy, h, probs=None):
+def _(dy, h, probs=None, h_scales=None):
     P, C = h.shape
     return (h.new_empty(P, C, dtype=FP8), h.new_empty(P, C // TILE, dtype=torch.float32),
             h.new_empty(0 if probs is None else P, dtype=torch.float32))
