@@ -10,6 +10,8 @@ Variants (keys for `--variants`):
 - ``fp8flow``        "fp8flow": `backend=fp8flow` with its default options.
 - ``fp8flow_all``    "fp8flow, all GEMMs FP8": the same with `fp8_min_intensity=0`, so weights
   the default leaves in BF16 as too small for FP8 to pay (the OLMoE-like shape) go to FP8 anyway.
+- ``fp8flow_bf16h``  "fp8flow, h kept BF16": the same with `fp8_swiglu_input=False`, the backward
+  keeping the FC1 output in BF16 instead of its FP8 copy (the memory / accuracy trade).
 - ``fp8flow_triton`` "fp8flow triton GEMMs": the same with every FP8 GEMM forced onto the Triton
   kernels (`set_gemm_backend("triton")`), where the default picks cuBLAS per group at large
   groups (see fp8flow_compile/kernels/cublas.py).
@@ -125,13 +127,14 @@ VARIANTS = {
     "fp8_naive": "fp8 naive",
     "fp8flow": "fp8flow",
     "fp8flow_all": "fp8flow, all GEMMs FP8",
+    "fp8flow_bf16h": "fp8flow, h kept BF16",
     "fp8flow_triton": "fp8flow triton GEMMs",
     "fp8_hand": "fp8 hand-wired",
     "torchao_fp8": "torchao fp8 rowwise",
     "torchao_fp8_eager": "torchao fp8 rowwise eager",
 }
 BASELINE = "bf16_compiled"
-FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_triton")
+FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_bf16h", "fp8flow_triton")
 ZIPF_S = 1.2
 MIB = 1 << 20
 
@@ -294,7 +297,8 @@ def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: 
         return torch.compile(m), m, info
     if key in FP8FLOW_KEYS:
         opts = {**fp8_opts, **{"fp8_naive": {"flow": False},
-                               "fp8flow_all": {"fp8_min_intensity": 0}}.get(key, {})}
+                               "fp8flow_all": {"fp8_min_intensity": 0},
+                               "fp8flow_bf16h": {"fp8_swiglu_input": False}}.get(key, {})}
         info["options"] = opts
         ff.last_report().records.clear()
         return torch.compile(m, backend=ff.fp8flow, options=opts), m, info

@@ -17,6 +17,8 @@ Options:
   of its forward GEMM per group, 1 / (1/M + 1/K + 1/N), reaches this; smaller ones stay BF16
   with the reason in the report. Default 850 on CUDA (measured on the H100, see
   passes/find_gemms.py), 0 elsewhere; 0 takes every eligible GEMM to FP8.
+- ``fp8_swiglu_input`` (bool, default True): the backward keeps the SwiGLU input (the FC1
+  output) in FP8 rather than BF16, as DeepSeek-V3 does (passes/flow_save.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from .report import GraphRecord, Report
 log = logging.getLogger(__name__)
 
 _LAST = Report()
-_KNOWN = {"flow", "inner", "fp8_router", "include", "exclude", "fp8_min_intensity"}
+_KNOWN = {"flow", "inner", "fp8_router", "include", "exclude", "fp8_min_intensity",
+          "fp8_swiglu_input"}
 
 
 def last_report() -> Report:

@@ -4,17 +4,19 @@ This is the dataflow the compiler's rewrite produces (FP8-Flow-MoE, arXiv 2511.0
 plain autograd functions so it can be run, tested and timed on its own:
 
 forward  : x --quantize_1x128 (cast 1)--> permute_pad_fp8 --> grouped_gemm_fp8 (FC1)
-           --> swiglu_quant (probs fused) --> grouped_gemm_fp8 (FC2) --> unpermute (BF16)
+           --> swiglu_quant_save (probs fused; also h in FP8) --> grouped_gemm_fp8 (FC2)
+           --> unpermute (BF16)
 backward : dy --quantize_1x128 (cast 2)--> permute_pad_fp8 --> FC2 dgrad / wgrad
            (wgrad operands from scaling_aware_transpose) --> swiglu_quant_backward (FP8 dh,
            dprobs) --> FC1 dgrad / wgrad (transpose again) --> unpermute (BF16, sums the slots)
 
 Saved for backward: the permuted FP8 input and the FP8 SwiGLU output with their scales, the
-quantized weights, and the FC1 output h (BF16; the SwiGLU backward needs gate and up at full
-precision). The two activation/gradient casts left are x and dy; the weights are quantized once
-per step in 128x128 blocks, which serve fprop and dgrad alike: `quantize_128x128_dual` writes
-the same bytes a second time transposed, because the tensor cores want the contracted dim of B
-contiguous (reading W [N, K] along N in the GEMM ran at 5% of cuBLAS on the H100).
+quantized weights, and the FC1 output h in FP8 (1x128 tiles, written by the SwiGLU op from the
+same pass over h; the SwiGLU backward reads it dequantized, as DeepSeek-V3 does). The two
+activation/gradient casts left are x and dy; the weights are quantized once per step in 128x128
+blocks, which serve fprop and dgrad alike: `quantize_128x128_dual` writes the same bytes a second
+time transposed, because the tensor cores want the contracted dim of B contiguous (reading
+W [N, K] along N in the GEMM ran at 5% of cuBLAS on the H100).
 """
 
 from __future__ import annotations
@@ -39,17 +41,17 @@ class _MoEExpertsFlow(torch.autograd.Function):
         h = ops.grouped_gemm_fp8(xq_p, xs_p, w13q, w13s, maps.offs_pad, True, x.dtype)
         flat_w = topw.reshape(-1).float()
         probs_p = torch.where(maps.src_slot >= 0, flat_w[maps.src_slot.clamp(min=0).long()], 0.0)
-        aq, as_ = ops.swiglu_quant(h, probs_p)
+        aq, as_, hq, hs = ops.swiglu_quant_save(h, probs_p)
         y = ops.grouped_gemm_fp8(aq, as_, w2q, w2s, maps.offs_pad, True, x.dtype)
         out = ops.unpermute(y, maps.pos, None)
-        ctx.save_for_backward(xq_p, xs_p, aq, as_, h, probs_p, w13qT, w13sT, w2qT, w2sT,
+        ctx.save_for_backward(xq_p, xs_p, aq, as_, hq, hs, probs_p, w13qT, w13sT, w2qT, w2sT,
                               maps.src_row, maps.pos, maps.offs_pad)
         ctx.dtypes = (x.dtype, topw.dtype, w13.dtype, w2.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        (xq_p, xs_p, aq, as_, h, probs_p, w13qT, w13sT, w2qT, w2sT,
+        (xq_p, xs_p, aq, as_, hq, hs, probs_p, w13qT, w13sT, w2qT, w2sT,
          src_row, pos, offs_pad) = ctx.saved_tensors
         x_dtype, w_dtype, w13_dtype, w2_dtype = ctx.dtypes
         dq, ds = ops.quantize_1x128(dout.contiguous())
@@ -60,7 +62,7 @@ class _MoEExpertsFlow(torch.autograd.Function):
         aT, aT_s = ops.scaling_aware_transpose(aq, as_, offs_pad)
         dw2 = ops.grouped_gemm_fp8_wgrad(dyT, dyT_s, aT, aT_s, offs_pad, torch.float32)
         # SwiGLU backward emits FP8 dh (feeds FC1 dgrad) and the probs gradient.
-        dhq, dhs, dprobs_p = ops.swiglu_quant_backward(da, h, probs_p)
+        dhq, dhs, dprobs_p = ops.swiglu_quant_backward(da, hq, probs_p, hs)
         dx_p = ops.grouped_gemm_fp8(dhq, dhs, w13qT, w13sT, offs_pad, True, x_dtype)
         dhT, dhT_s = ops.scaling_aware_transpose(dhq, dhs, offs_pad)
         xT, xT_s = ops.scaling_aware_transpose(xq_p, xs_p, offs_pad)

@@ -130,6 +130,15 @@ def _sigmoid(g):
 
 
 @triton.jit
+def _decode(ptrs, mask, COMPILED: tl.constexpr):
+    """E4M3 to fp32, exact either way: the GPU's conversion when compiled (the integer decode
+    bounds the kernel there), the integer decode of the bytes under the interpreter."""
+    if COMPILED:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return fm.e4m3_to_f32(tl.load(ptrs, mask=mask, other=0))
+
+
+@triton.jit
 def _swiglu_quant_kernel(h_ptr, p_ptr, q_ptr, s_ptr, v_ptr, hq_ptr, hs_ptr, P, half, T,
                          BLOCK_R: tl.constexpr, TILE_: tl.constexpr,
                          HAS_PROBS: tl.constexpr, STORE_VALUE: tl.constexpr,
@@ -161,7 +170,7 @@ def _swiglu_quant_kernel(h_ptr, p_ptr, q_ptr, s_ptr, v_ptr, hq_ptr, hs_ptr, P, h
 def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, hs_ptr, p_ptr, q_ptr, s_ptr, dp_ptr, v_ptr, P,
                              T: tl.constexpr, BLOCK_R: tl.constexpr, TILE_: tl.constexpr,
                              HAS_PROBS: tl.constexpr, STORE_VALUE: tl.constexpr,
-                             H_FP8: tl.constexpr):
+                             H_FP8: tl.constexpr, COMPILED: tl.constexpr):
     # One program per row block walks all of I, so dprobs is summed in one fixed order
     # (deterministic, no atomics, no second pass). T = I / TILE_ tiles per half of dh; it is a
     # constexpr because the interpreter (triton 3.6 with numpy 2) cannot loop to a runtime
@@ -178,11 +187,11 @@ def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, hs_ptr, p_ptr, q_ptr, s_ptr, dp_ptr,
         cols = t * TILE_ + tl.arange(0, TILE_)
         mask = rmask[:, None] & (cols < half)[None, :]
         h_offs = rows64[:, None] * (2 * half) + cols[None, :]
-        if H_FP8:  # h_ptr: the E4M3 bytes of h, hs_ptr its 1x128 scales [P, 2T]
+        if H_FP8:  # h_ptr: h in E4M3 (bytes under the interpreter), hs_ptr its scales [P, 2T]
             hs_row = hs_ptr + rows64 * (2 * T) + t
-            g = fm.e4m3_to_f32(tl.load(h_ptr + h_offs, mask=mask, other=0)) * \
+            g = _decode(h_ptr + h_offs, mask, COMPILED) * \
                 tl.load(hs_row, mask=rmask, other=1.0)[:, None]
-            u = fm.e4m3_to_f32(tl.load(h_ptr + h_offs + half, mask=mask, other=0)) * \
+            u = _decode(h_ptr + h_offs + half, mask, COMPILED) * \
                 tl.load(hs_row + T, mask=rmask, other=1.0)[:, None]
         else:
             g = tl.load(h_ptr + h_offs, mask=mask, other=0.0).to(tl.float32)
@@ -247,11 +256,12 @@ def swiglu_quant_backward_triton(dy: torch.Tensor, h: torch.Tensor,
     if P and T:
         fp8_h = h_scales is not None
         _swiglu_quant_bwd_kernel[(cdiv(P, _BLOCK_R),)](
-            dy, h.view(torch.uint8) if fp8_h else h, h_scales if fp8_h else s,
+            dy, h.view(torch.uint8) if fp8_h and not h.is_cuda else h,
+            h_scales if fp8_h else s,
             dy if probs is None else probs, q.view(torch.uint8), s,
             s if probs is None else dprobs, s if value_out is None else value_out, P, T=T,
             BLOCK_R=_BLOCK_R, TILE_=TILE, HAS_PROBS=probs is not None,
-            STORE_VALUE=value_out is not None, H_FP8=fp8_h)
+            STORE_VALUE=value_out is not None, H_FP8=fp8_h, COMPILED=h.is_cuda)
     elif probs is not None:
         dprobs.zero_()  # I == 0: an empty sum
     return q, s, dprobs

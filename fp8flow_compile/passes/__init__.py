@@ -1,9 +1,9 @@
 """Graph passes of the fp8flow backend, one module each with one entry `run(gm, ctx) -> gm`.
 
 Order on the joint graph: find_gemms -> insert_qdq (the naive FP8 graph, counted) ->
-flow_reuse -> flow_hoist -> flow_fuse -> dedupe (counted again) -> flow_combine (the MoE
-combine's scatter-adds, no casts involved) -> flow_recompute (the backward gathers FP8 rows again
-rather than keeping them).
+flow_reuse -> flow_hoist -> flow_fuse -> dedupe (counted again) -> flow_save (the backward keeps
+the SwiGLU input in FP8) -> flow_combine (the MoE combine's scatter-adds, no casts involved) ->
+flow_recompute (the backward gathers FP8 rows again rather than keeping them).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from . import (
     flow_hoist,
     flow_recompute,
     flow_reuse,
+    flow_save,
     insert_qdq,
 )
 from .graph import Ctx, backward_nodes
 
-FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_combine, flow_recompute)
+FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_save, flow_combine, flow_recompute)
 
 
 def _phase_counts(gm: fx.GraphModule, bwd: set) -> dict[str, dict[str, int]]:

@@ -1,7 +1,8 @@
 """Count explicit casts: nodes whose only job is to change the precision of a tensor.
 
 Activation/gradient casts (1x128 quantize, either axis) are counted apart from weight casts
-(128x128 quantize) and dequantizes. Fused producers (swiglu_quant), the scaling-aware transpose
+(128x128 quantize) and dequantizes. Fused producers (swiglu_quant; swiglu_quant_save, which also
+writes the FP8 copy of its input for the backward), the scaling-aware transpose
 and FP8 data movement (permute_pad_fp8) are not casts; they are counted as FP8 ops.
 """
 

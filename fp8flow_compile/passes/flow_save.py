@@ -1,0 +1,65 @@
+"""Flow rewrite "save": the backward keeps the SwiGLU input h in FP8, not in BF16.
+
+Expects: a graph after flow_fuse (the SwiGLU and its gradient are `swiglu_quant` and
+`swiglu_quant_backward` nodes). Guarantees: where a forward `swiglu_quant(h, probs)` and the
+backward's `swiglu_quant_backward(dA, h, probs)` read the same h, and nothing else in the backward
+reads h, the forward op becomes `swiglu_quant_save(h, probs)`, which also writes h quantized 1x128
+along 2I from the same pass over h, and the backward op reads that FP8 copy with its scales. The
+partitioner then keeps 1 byte per element of h (plus one fp32 scale per 128) instead of 2: at the
+Mixtral-like shape h is 16384 x 28672, 896 MiB in BF16.
+
+DeepSeek-V3 trains this way (it caches the SwiGLU inputs in FP8 with its fine-grained
+quantization). The forward output is unchanged; the backward computes the SwiGLU gradient at the
+dequantized h, whose elements are within 2^-4 of h's relative to their 1x128 tile. Off with
+`options["fp8_swiglu_input"] = False`.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .graph import Ctx, call_multi, forward_required
+
+ops = torch.ops.fp8flow
+
+
+def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    if not ctx.options.get("fp8_swiglu_input", True):
+        return gm
+    fwd = forward_required(gm)
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.target is not ops.swiglu_quant.default or n not in fwd:
+            continue
+        h = n.args[0]
+        probs = n.args[1] if len(n.args) > 1 else n.kwargs.get("probs")
+        later = [u for u in h.users if u not in fwd]
+        bwd = [u for u in later if u.target is ops.swiglu_quant_backward.default
+               and u.args[1] is h and len(u.args) < 4 and not u.kwargs]
+        if not bwd:
+            continue
+        if len(bwd) != len(later):
+            others = ", ".join(sorted(u.name for u in later if u not in bwd))
+            ctx.log.append(f"save: {h.name} kept in {h.meta['val'].dtype} for the backward: "
+                           f"also read there by {others}")
+            continue
+        with gm.graph.inserting_before(n):
+            q, s, hq, hs = call_multi(gm, ops.swiglu_quant_save.default, (h, probs), 4,
+                                      name=f"swiglu_save_{h.name}")
+        for u in list(n.users):
+            if u.target is operator.getitem:
+                u.replace_all_uses_with((q, s)[u.args[1]])
+                gm.graph.erase_node(u)
+        gm.graph.erase_node(n)
+        for b in bwd:
+            b.args = (b.args[0], hq, b.args[2] if len(b.args) > 2 else None, hs)
+        ctx.log.append(f"save: {h.name} kept for the backward in FP8 (swiglu_quant_save), "
+                       f"read by {', '.join(b.name for b in bwd)}")
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
