@@ -133,9 +133,10 @@ def _sigmoid(g):
 def _decode(ptrs, mask, COMPILED: tl.constexpr):
     """E4M3 to fp32, exact either way: the GPU's conversion when compiled (the integer decode
     bounds the kernel there), the integer decode of the bytes under the interpreter."""
+    byte = tl.load(ptrs, mask=mask, other=0)
     if COMPILED:
-        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    return fm.e4m3_to_f32(tl.load(ptrs, mask=mask, other=0))
+        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return fm.e4m3_to_f32(byte)
 
 
 @triton.jit
@@ -187,7 +188,7 @@ def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, hs_ptr, p_ptr, q_ptr, s_ptr, dp_ptr,
         cols = t * TILE_ + tl.arange(0, TILE_)
         mask = rmask[:, None] & (cols < half)[None, :]
         h_offs = rows64[:, None] * (2 * half) + cols[None, :]
-        if H_FP8:  # h_ptr: h in E4M3 (bytes under the interpreter), hs_ptr its scales [P, 2T]
+        if H_FP8:  # h_ptr: the E4M3 bytes of h, hs_ptr its 1x128 scales [P, 2T]
             hs_row = hs_ptr + rows64 * (2 * T) + t
             g = _decode(h_ptr + h_offs, mask, COMPILED) * \
                 tl.load(hs_row, mask=rmask, other=1.0)[:, None]
@@ -256,8 +257,7 @@ def swiglu_quant_backward_triton(dy: torch.Tensor, h: torch.Tensor,
     if P and T:
         fp8_h = h_scales is not None
         _swiglu_quant_bwd_kernel[(cdiv(P, _BLOCK_R),)](
-            dy, h.view(torch.uint8) if fp8_h and not h.is_cuda else h,
-            h_scales if fp8_h else s,
+            dy, h.view(torch.uint8) if fp8_h else h, h_scales if fp8_h else s,
             dy if probs is None else probs, q.view(torch.uint8), s,
             s if probs is None else dprobs, s if value_out is None else value_out, P, T=T,
             BLOCK_R=_BLOCK_R, TILE_=TILE, HAS_PROBS=probs is not None,
