@@ -11,7 +11,7 @@ import operator
 
 import pytest
 import torch
-from test_backend import FP8_REL, MLP, compiled, rel
+from test_backend import FP8_REL, MLP, compiled, fwd_bwd, moe_setup, rel  # noqa: F401  (moe_setup: a fixture)
 
 import fp8flow_compile as ff
 from examples.moe import MoE
@@ -217,36 +217,28 @@ def test_recompute_gathers_fp8_rows_again_in_the_backward(monkeypatch):
     assert fp8_0 - fp8 == 48 * 256
 
 
-def test_save_keeps_the_swiglu_input_in_fp8(monkeypatch):
+def test_save_keeps_the_swiglu_input_in_fp8(moe_setup):  # noqa: F811  (the imported fixture)
     """The backward reads h from the FP8 copy swiglu_quant_save writes: the saved BF16 bytes drop
     by h's, the FP8 bytes grow by half of that, and gradients stay within FP8 error of float32
     (h's own rounding adds at most 2^-4 relative per element to the SwiGLU backward's input)."""
-    torch.manual_seed(0)
-    T, H, I, E, k = 48, 256, 128, 4, 2
-    ref = MoE(H, I, E, k, dtype=torch.float32)
-    m = MoE(H, I, E, k)
-    m.load_state_dict({n: p.bfloat16() for n, p in ref.state_dict().items()})
-    x, gy = torch.randn(T, H), torch.randn(T, H)
-    xr = x.clone().requires_grad_(True)
-    ref(xr).backward(gy)
+    ref, bf, x, gy = moe_setup
+    _, dx32, g32 = fwd_bwd(ref, x, gy)
 
     def run(flag):
-        xb = x.bfloat16().requires_grad_(True)
-        mm = copy.deepcopy(m)
-        y = compiled(mm, inner="eager", fp8_swiglu_input=flag)(xb)
-        y.backward(gy.bfloat16())
-        return (y, xb.grad, mm.w13.grad, mm.w2.grad), ff.last_report().records[-1]
+        out = fwd_bwd(compiled(copy.deepcopy(bf), inner="eager", fp8_swiglu_input=flag),
+                      x.bfloat16(), gy.bfloat16())
+        return out, ff.last_report().records[-1]
 
-    (y, dx, dw13, dw2), rec = run(True)
-    (y0, dx0, dw13_0, dw2_0), rec0 = run(False)
+    (y, dx, g), rec = run(True)
+    (y0, dx0, g0), rec0 = run(False)
     assert any(line.startswith("save: ") for line in rec.log)
     assert not any(line.startswith("save: ") for line in rec0.log)
     assert torch.equal(y, y0)  # the forward reads h itself either way
     after, before = rec.saved_bytes["fp8flow"], rec0.saved_bytes["fp8flow"]
-    h_elems = T * k * 2 * I
+    h_elems = x.shape[0] * bf.top_k * 2 * bf.inter
     assert before["bfloat16"] - after["bfloat16"] == 2 * h_elems
     assert after["float8_e4m3fn"] - before["float8_e4m3fn"] == h_elems
     assert after["float32"] - before["float32"] == 4 * h_elems // 128
-    assert not torch.equal(dw13, dw13_0)  # the backward really read the FP8 copy
-    for got, want in ((dx, xr.grad), (dw13, ref.w13.grad), (dw2, ref.w2.grad)):
+    assert not torch.equal(g["w13"], g0["w13"])  # the backward really read the FP8 copy
+    for got, want in ((dx, dx32), (g["w13"], g32["w13"]), (g["w2"], g32["w2"])):
         assert rel(got, want) < FP8_REL

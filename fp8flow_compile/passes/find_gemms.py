@@ -183,12 +183,17 @@ def min_intensity(opts: dict, device: torch.device) -> float:
     return float(v)
 
 
+def _group_dims(g: Gemm) -> tuple[float, int, int]:
+    """(mean rows per group M, contracted K, output N) of a forward GEMM."""
+    va, vo = val(g.a), val(g.node)
+    groups = size_hint(val(g.offs).shape[0]) if g.offs is not None else 1
+    return (size_hint(va.shape[0]) / max(groups, 1), size_hint(va.shape[-1]),
+            size_hint(vo.shape[-1]))
+
+
 def intensity(g: Gemm) -> float:
     """1 / (1/M + 1/K + 1/N) of a forward GEMM: M rows per group (mean), K contracted, N out."""
-    va, vo = val(g.a), val(g.node)
-    rows, k, n = (size_hint(d) for d in (va.shape[0], va.shape[-1], vo.shape[-1]))
-    groups = size_hint(val(g.offs).shape[0]) if g.offs is not None else 1
-    m = rows / max(groups, 1)
+    m, k, n = _group_dims(g)
     if min(m, k, n) <= 0:
         return 0.0
     return 1.0 / (1.0 / m + 1.0 / k + 1.0 / n)
@@ -202,9 +207,6 @@ def _too_small(g: Gemm, opts: dict) -> str:
     got = intensity(g)
     if got >= limit:
         return ""
-    va, vo = val(g.a), val(g.node)
-    groups = size_hint(val(g.offs).shape[0]) if g.offs is not None else 1
-    dims = (f"{size_hint(va.shape[0]) / max(groups, 1):.0f} rows per group x "
-            f"{size_hint(va.shape[-1])} x {size_hint(vo.shape[-1])}")
-    return (f"too small for FP8 to pay: intensity {got:.0f} ({dims}) < "
-            f"options['fp8_min_intensity']={limit:g}")
+    m, k, n = _group_dims(g)
+    return (f"too small for FP8 to pay: intensity {got:.0f} ({m:.0f} rows per group x {k} x "
+            f"{n}) < options['fp8_min_intensity']={limit:g}")

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .graph import Ctx, call, call_multi, contiguous, val
+from .graph import Ctx, call, call_multi, contiguous, replace_outputs, val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -329,14 +329,6 @@ def _probs_arg(gm: fx.GraphModule, p: fx.Node | None):
     return contiguous(gm, p)
 
 
-def _replace(gm: fx.GraphModule, old: fx.Node, new: list[fx.Node]) -> None:
-    for u in list(old.users):
-        if u.target is operator.getitem:
-            u.replace_all_uses_with(new[u.args[1]])
-            gm.graph.erase_node(u)
-    gm.graph.erase_node(old)
-
-
 def _tiled(h: fx.Node) -> str | None:
     hv = val(h)
     if (hv.shape[1] // 2) % 128:
@@ -386,7 +378,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 args = (contiguous(gm, d_a), contiguous(gm, h), _probs_arg(gm, p))
             new = call_multi(gm, target, args, len(target._schema.returns), name=name)[:2]
             new = _transposed(gm, new, offs) if col else new
-        _replace(gm, n, new)
+        replace_outputs(gm, n, new)
         what = f"SwiGLU({h.name})" if d_a is None else f"SwiGLU gradient of {h.name}"
         ctx.log.append(f"fuse: quantization of {x.name} = {what} -> {target._opname}")
         changed = True

@@ -13,12 +13,10 @@ after).
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, call, call_multi, val
+from .graph import Ctx, call, call_multi, replace_outputs, val
 from .insert_qdq import quantize
 
 aten = torch.ops.aten
@@ -68,14 +66,6 @@ def _row_cat(x: fx.Node):
     return list(parts)
 
 
-def _replace_outputs(gm: fx.GraphModule, n: fx.Node, q: fx.Node, s: fx.Node) -> None:
-    for u in list(n.users):
-        if u.target is operator.getitem:
-            u.replace_all_uses_with(q if u.args[1] == 0 else s)
-            gm.graph.erase_node(u)
-    gm.graph.erase_node(n)
-
-
 def _quant_rows(gm: fx.GraphModule, x: fx.Node):
     return quantize(gm, ops.quantize_1x128.default, x, None, "act")
 
@@ -97,7 +87,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 qs = [_quant_rows(gm, p) for p in parts]
                 q = call(gm, aten.cat.default, ([a for a, _ in qs], 0))
                 sc = call(gm, aten.cat.default, ([b for _, b in qs], 0))
-            _replace_outputs(gm, n, q, sc)
+            replace_outputs(gm, n, [q, sc])
             ctx.log.append(f"hoist: quantization of {moved} moved above the row concatenation "
                            f"of {', '.join(p.name for p in parts)}")
             continue
@@ -118,7 +108,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             idx32 = call(gm, prims.convert_element_type.default, (wrapped, torch.int32))
             pq, ps = call_multi(gm, ops.permute_pad_fp8.default, (sq, ss, idx32), 2,
                                 name=f"perm_{src.name}")
-        _replace_outputs(gm, n, pq, ps)
+        replace_outputs(gm, n, [pq, ps])
         ctx.log.append(f"hoist: quantization of {moved} moved above the row gather "
                        f"of {src.name}")
     gm.graph.eliminate_dead_code()

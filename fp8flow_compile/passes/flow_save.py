@@ -16,12 +16,10 @@ dequantized h, whose elements are within 2^-4 of h's relative to their 1x128 til
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, call_multi, forward_required
+from .graph import Ctx, call_multi, forward_required, replace_outputs
 
 ops = torch.ops.fp8flow
 
@@ -49,11 +47,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         with gm.graph.inserting_before(n):
             q, s, hq, hs = call_multi(gm, ops.swiglu_quant_save.default, (h, probs), 4,
                                       name=f"swiglu_save_{h.name}")
-        for u in list(n.users):
-            if u.target is operator.getitem:
-                u.replace_all_uses_with((q, s)[u.args[1]])
-                gm.graph.erase_node(u)
-        gm.graph.erase_node(n)
+        replace_outputs(gm, n, [q, s])
         for b in bwd:
             b.args = (b.args[0], hq, b.args[2] if len(b.args) > 2 else None, hs)
         ctx.log.append(f"save: {h.name} kept for the backward in FP8 (swiglu_quant_save), "

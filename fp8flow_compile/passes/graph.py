@@ -51,6 +51,16 @@ def call(gm: fx.GraphModule, target, args: tuple, kwargs: dict | None = None,
     return node
 
 
+def replace_outputs(gm: fx.GraphModule, old: fx.Node, new: list[fx.Node]) -> None:
+    """Point the users of output i of the multi-output node `old` (its getitem nodes) at
+    new[i], then erase `old` and those getitems."""
+    for u in list(old.users):
+        if u.target is operator.getitem:
+            u.replace_all_uses_with(new[u.args[1]])
+            gm.graph.erase_node(u)
+    gm.graph.erase_node(old)
+
+
 def contiguous(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
     """n itself if its value is contiguous, else a contiguous clone inserted here."""
     if val(n).is_contiguous():
