@@ -424,9 +424,11 @@ def strict_dense_wgrad(a, s_cm, b, s_b_cm, out):
 
 
 # Group sizes that exercise every branch of the loop: empty groups, row counts off the multiple of
-# ROW_ALIGN (a padded tail call, alone or after a direct one), token counts and starts off the 16
+# ROW_ALIGN (calls that run into the next group's rows, or past offs[-1] into rows zeroed after;
+# a padded tail call where the rounded rows would pass M), token counts and starts off the 16
 # alignment (padded columns), rows past offs[-1].
-CUBLAS_OFFS = {**OFFS_CASES, "small_and_unaligned": [1, 6, 22, 38, 38, 166, 294]}
+CUBLAS_OFFS = {**OFFS_CASES, "small_and_unaligned": [1, 6, 22, 38, 38, 166, 294],
+               "overrun_past_empty": [5, 5, 130, 299]}
 
 
 @pytest.mark.parametrize("case", CUBLAS_OFFS)
@@ -462,20 +464,29 @@ def test_cublas_grouped_loop_matches_reference(case):
 
 
 @pytest.mark.parametrize("offs", [[5, 3, 9, 20], [0, 0, 0], [16, 48, 250],
-                                  [1, 6, 22, 38, 38, 166, 294], [300]])
-def test_pack_scales_kernel_matches_scatter(offs):
-    """The packing kernel the CUDA path uses (interpreter here) against the torch scatter."""
+                                  [1, 6, 22, 38, 38, 166, 294], [300], [3, 297, 299]])
+def test_pack_scales_kernel_matches_gather(offs):
+    """The packing kernel the CUDA path uses (interpreter here) against the torch gather, and
+    both against the rows they stand for: group g's rows rounded up to ROW_ALIGN, the rows past
+    M read as scale 1."""
     o = torch.tensor(offs, dtype=torch.int32)
     M = 300 if max(offs) >= 250 else 12
-    s = torch.rand(M, 5)
-    used = CB._host_bounds(o, M)[-1][1]
-    ref = torch.empty(used * 5)
-    ref[CB._pack_dest(o, M, 5, used)] = s[:used].reshape(-1)
-    buf = torch.full((used * 5,), -1.0)
-    if used:
-        CB._pack_scales_kernel[(CB.cdiv(used, CB._PACK_ROWS),)](
-            s, o, buf, o.numel(), M, 5, BLOCK_R=CB._PACK_ROWS, G_BLOCK=8, KB_BLOCK=8)
-    assert torch.equal(buf, ref)
+    KB = 5
+    s = torch.rand(M, KB) + 0.5
+    bounds = CB._host_bounds(o, M)
+    rows = [CB.cdiv(e - b, CB.ROW_ALIGN) * CB.ROW_ALIGN for b, e in bounds]
+    total = sum(rows)
+    packed = CB._pack_group_scales(s, o, bounds, rows)
+    padded = torch.cat([s, torch.ones(CB.ROW_ALIGN, KB)])
+    for (b, _), r, view in zip(bounds, rows, packed):
+        assert view.shape == (r, KB) and view.stride() == (1, r)
+        assert torch.equal(view, padded[b:b + r])
+    if total:
+        buf = torch.full((total * KB,), -1.0)
+        CB._pack_scales_kernel[(CB.cdiv(total, CB._PACK_ROWS),)](
+            s, o, buf, o.numel(), M, KB, total, ROW_ALIGN_=CB.ROW_ALIGN, BLOCK_R=CB._PACK_ROWS,
+            G_BLOCK=8, KB_BLOCK=8)
+        assert torch.equal(buf, packed[0].as_strided((total * KB,), (1,), 0))
 
 
 def test_cublas_dense_calls_match_reference():

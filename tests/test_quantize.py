@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fp8flow_compile import Fp8Unsupported
+from fp8flow_compile.kernels import groups as G
 from fp8flow_compile.kernels import quantize as Q
 from fp8flow_compile.recipe import E4M3_MAX, TILE
 
@@ -128,6 +129,55 @@ def test_quantize_1x128_col_matches_rowwise_of_transpose():
         assert torch.equal(d1, Q.dequantize_1x128_triton(q1, s1, o))
 
 
+ALIGN_CASES = [[17, 17, 150, 290], [0, 64, 64, 300], [1, 2, 3], [300]]
+
+
+@pytest.mark.parametrize("offs", ALIGN_CASES)
+def test_quantize_1x128_col_aligned_layout(offs):
+    """align=16: every group on a 16-token boundary with zero bytes between, read with the padded
+    group ends; each group's bytes and tile scales are the plain layout's, moved."""
+    x = heavy((300, 136), 12)
+    o = torch.tensor(offs, dtype=torch.int32)
+    qa, sa = Q.quantize_1x128_col_ref(x, o, 16)
+    qt, st = Q.quantize_1x128_col_triton(x, o, 16)
+    assert same_bytes(qa, qt) and torch.equal(sa, st)
+    W = G.aligned_width(300, len(offs), 16)
+    assert qa.shape == (136, W) and W % 16 == 0 and sa.shape == (136, G.max_tiles(W, len(offs)))
+    po = G.pad_offsets(o, 300, 16)
+    assert torch.equal(po, torch.ops.fp8flow.pad_offsets(o, 300, 16))
+    q1, s1 = Q.quantize_1x128_col_ref(x, o)  # the plain layout
+    plain, pad = G.tile_bounds(o, 300), G.tile_bounds(po, W)
+    b1, ba = q1.view(torch.uint8), qa.view(torch.uint8)
+    written = torch.zeros(W, dtype=torch.bool)
+    for t, (a, b) in enumerate(zip(*[v.tolist() for v in plain])):
+        if b <= a:
+            continue
+        pa, pb = pad[0][t].item(), pad[1][t].item()  # the same slot in the aligned layout
+        assert pa % 16 == 0 and pb - pa in (b - a, -(-(b - a) // 16) * 16)  # last tile: padded
+        assert torch.equal(ba[:, pa:pa + b - a], b1[:, a:b]) and torch.equal(sa[:, t], s1[:, t])
+        written[pa:pa + b - a] = True
+    assert (ba[:, ~written] == 0).all()  # padding and the rows past the last group
+    # dequantized with the padded ends it is x^T with zero columns inserted
+    assert torch.equal(Q.dequantize_1x128_ref(qa, sa, po),
+                       Q.dequantize_1x128_ref(*Q.quantize_1x128_col_ref(
+                           G.pad_groups(x, o, 16), po), po))
+
+
+def test_pad_offsets_kernel_matches_torch():
+    for offs, length in (([17, 17, 150, 290], 300), ([0, 0], 5), ([5, 3, 9], 12),
+                         ([400, 500], 300), ([-2, 7], 10)):
+        o = torch.tensor(offs, dtype=torch.int32)
+        want = G.pad_offsets(o, length, 16)
+        got = torch.empty_like(o)
+        G._pad_offsets_kernel[(1,)](o, got, o.numel(), length, ALIGN=16,
+                                    G_BLOCK=G.group_block(o.numel()))
+        assert torch.equal(got, want)
+        ends = o.clamp(0, length).tolist()
+        sizes = [max(e - p, 0) for p, e in zip([0] + ends[:-1], ends)]
+        assert want.tolist() == [sum(-(-n // 16) * 16 for n in sizes[:i + 1])
+                                 for i in range(len(sizes))]
+
+
 @pytest.mark.parametrize("shape", [(256, 384), (200, 130), (3, 256, 128)])
 def test_quantize_128x128(shape):
     w = heavy(shape, 7)
@@ -169,8 +219,12 @@ def test_custom_ops_registered_and_traceable():
     # (meta) functions are what compile relies on, and those are checked here.
     fake = ("test_faketensor", "test_autograd_registration")
     torch.library.opcheck(torch.ops.fp8flow.quantize_1x128.default, (x,), test_utils=fake)
-    torch.library.opcheck(torch.ops.fp8flow.quantize_1x128_col.default,
-                          (x, torch.tensor([5, 16], dtype=torch.int32)), test_utils=fake)
+    for extra in ((), (16,)):
+        torch.library.opcheck(torch.ops.fp8flow.quantize_1x128_col.default,
+                              (x, torch.tensor([5, 16], dtype=torch.int32), *extra),
+                              test_utils=fake)
+    torch.library.opcheck(torch.ops.fp8flow.pad_offsets.default,
+                          (torch.tensor([5, 16], dtype=torch.int32), 16, 16), test_utils=fake)
     torch.library.opcheck(torch.ops.fp8flow.quantize_128x128.default, (heavy((2, 128, 256), 9),),
                           test_utils=fake)
     torch.library.opcheck(torch.ops.fp8flow.dequantize_1x128.default, (q, s), test_utils=fake)
@@ -191,6 +245,10 @@ def test_custom_ops_registered_and_traceable():
         torch.zeros(4, 256, dtype=FP8), torch.ones(4, 1)), "scales must have shape"),
     (lambda: torch.ops.fp8flow.quantize_1x128_col(
         torch.randn(8, 128), torch.tensor([4.0, 8.0])), "offs"),
+    (lambda: torch.ops.fp8flow.quantize_1x128_col(
+        torch.randn(8, 128), torch.tensor([4, 8], dtype=torch.int32), 12), "power of two"),
+    (lambda: torch.ops.fp8flow.quantize_1x128_col(torch.randn(8, 128), None, 16), "needs offs"),
+    (lambda: torch.ops.fp8flow.pad_offsets(torch.tensor([4.0]), 8, 16), "offs must have dtype"),
 ])
 def test_bad_input_names_the_constraint(bad, match):
     with pytest.raises(Fp8Unsupported, match=match):
@@ -209,6 +267,11 @@ def test_gpu_quantize_ops_match_reference():
     assert same_bytes(q.cpu(), q2) and torch.equal(s.cpu(), s2)
     d = torch.ops.fp8flow.dequantize_1x128(q, s, offs.cuda())
     assert torch.equal(d.cpu(), Q.dequantize_1x128_ref(q2, s2, offs))
+    q, s = torch.ops.fp8flow.quantize_1x128_col(x.cuda(), offs.cuda(), 16)
+    q2, s2 = Q.quantize_1x128_col_ref(x, offs, 16)
+    assert same_bytes(q.cpu(), q2) and torch.equal(s.cpu(), s2)
+    assert torch.equal(torch.ops.fp8flow.pad_offsets(offs.cuda(), 1000, 16).cpu(),
+                       G.pad_offsets(offs, 1000, 16))
     w = heavy((4, 384, 256), 11)
     q, s = torch.ops.fp8flow.quantize_128x128(w.cuda())
     q2, s2 = Q.quantize_128x128_ref(w)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from fp8flow_compile.errors import Fp8Unsupported
 from fp8flow_compile.kernels import transpose as tr
-from fp8flow_compile.kernels.groups import tile_bounds
+from fp8flow_compile.kernels.groups import aligned_width, max_tiles, pad_offsets, tile_bounds
 from fp8flow_compile.kernels.quantize import (
     dequantize_1x128_ref,
     quantize_1x128_col_ref,
@@ -163,6 +163,33 @@ def test_zero_rows_do_not_inflate_scale():
     assert torch.equal(_bytes(qT), _bytes(q).t())  # every nonzero row has the same scale: k = 0
 
 
+@pytest.mark.parametrize("offs", [[37, 37, 141, 300], [0, 130, 130, 259], [16, 48, 250],
+                                  [3, 5, 6, 300]])
+def test_aligned_layout(offs):
+    """align=16: the Triton kernel (word stores on every tile now) equals the reference, and each
+    group's bytes and tile scales are the plain layout's, moved to the group's 16-aligned start;
+    all else is zero bytes."""
+    M, K = 300, 256
+    x = _rows_data(M, K, seed=len(offs) + offs[0])
+    q, s = quantize_1x128_ref(x)
+    o = torch.tensor(offs, dtype=torch.int32)
+    got = tr.scaling_aware_transpose_triton(q, s, o, 16)
+    _assert_same(got, tr.scaling_aware_transpose_ref(q, s, o, 16))
+    W = aligned_width(M, len(offs), 16)
+    assert got[0].shape == (K, W) and got[1].shape == (K, max_tiles(W, len(offs)))
+    plain = tr.scaling_aware_transpose_ref(q, s, o)
+    starts, ends = tile_bounds(o, M)
+    pstarts, _ = tile_bounds(pad_offsets(o, M, 16), W)
+    written = torch.zeros(W, dtype=torch.bool)
+    for t, (a, b, pa) in enumerate(zip(starts.tolist(), ends.tolist(), pstarts.tolist())):
+        if b > a:
+            assert pa % 16 == 0
+            assert torch.equal(_bytes(got[0])[:, pa:pa + b - a], _bytes(plain[0])[:, a:b])
+            assert torch.equal(got[1][:, t], plain[1][:, t])
+            written[pa:pa + b - a] = True
+    assert (_bytes(got[0])[:, ~written] == 0).all()
+
+
 # ---------------------------------------------------------------- against quantize_1x128_col
 
 def _equal_scale_tiles(M, K, offs, seed):
@@ -298,6 +325,10 @@ def test_bad_inputs(make, msg):
 
 def test_bad_offs():
     q, s = quantize_1x128_ref(torch.randn(64, 128))
+    with pytest.raises(Fp8Unsupported, match="needs offs"):
+        tr.scaling_aware_transpose(q, s, None, 16)
+    with pytest.raises(Fp8Unsupported, match="power of two"):
+        tr.scaling_aware_transpose(q, s, torch.tensor([64], dtype=torch.int32), 24)
     with pytest.raises(Fp8Unsupported, match="offs must have dtype"):
         tr.scaling_aware_transpose(q, s, torch.tensor([64]))
     with pytest.raises(Fp8Unsupported, match="non-empty 1-D"):
@@ -311,7 +342,7 @@ def test_op_registered_and_fake():
     got = torch.ops.fp8flow.scaling_aware_transpose(q, s, offs)
     _assert_same(got, tr.scaling_aware_transpose_ref(q, s, offs))
     # test_schema is left out: its own checker multiplies the FP8 output, which CPU torch lacks.
-    for args in ((q, s, offs), (q, s)):
+    for args in ((q, s, offs), (q, s), (q, s, offs, 16)):
         torch.library.opcheck(tr.scaling_aware_transpose, args,
                               test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -330,6 +361,16 @@ def test_gpu_matches_reference(offs):
     got = torch.ops.fp8flow.scaling_aware_transpose(
         q.cuda(), s.cuda(), None if o is None else o.cuda())
     _assert_same((got[0].cpu(), got[1].cpu()), ref)
+
+
+@pytest.mark.gpu
+def test_gpu_aligned_layout_matches_reference():
+    M, K = 4100, 1024
+    x = _rows_data(M, K, seed=2)
+    q, s = quantize_1x128_ref(x)
+    o = torch.tensor([0, 999, 999, 1777, 3001, 4000], dtype=torch.int32)
+    got = torch.ops.fp8flow.scaling_aware_transpose(q.cuda(), s.cuda(), o.cuda(), 16)
+    _assert_same((got[0].cpu(), got[1].cpu()), tr.scaling_aware_transpose_ref(q, s, o, 16))
 
 
 @pytest.mark.gpu

@@ -212,38 +212,48 @@ def gemm_wgrad(a_q, a_s, b_q, b_s, out_dtype, dense: Callable = dense_wgrad):
     return out
 
 
-def _pack_group_scales(a_s: torch.Tensor, offs: torch.Tensor,
-                       bounds: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Each group's rows of the 1x128 scales [M, KB] as a packed column-major [m, KB] view, all
-    written by one kernel (CUDA) or one scatter (elsewhere) instead of a copy per group: host
-    time is what limits the loop. The group table is rebuilt on the device from offs, as
-    _host_bounds builds it."""
+def _pack_group_scales(a_s: torch.Tensor, offs: torch.Tensor, bounds: list[tuple[int, int]],
+                       rows: list[int]) -> list[torch.Tensor]:
+    """Scales of rows [start, start + rows[g]) of each group g of the 1x128 scales [M, KB], as a
+    packed column-major [rows[g], KB] view each, all written by one kernel (CUDA) or one gather
+    (elsewhere) instead of a copy per group: host time is what limits the loop. rows[g] is the
+    group's size rounded up to ROW_ALIGN, so a group's last rows may be the next group's (rows
+    past M read scale 1). The group table is rebuilt on the device from offs, as _host_bounds
+    builds it."""
     M, KB = a_s.shape
-    used = bounds[-1][1]
-    buf = a_s.new_empty(used * KB)
-    if a_s.is_cuda:
-        if used:
-            _pack_scales_kernel[(cdiv(used, _PACK_ROWS),)](
-                a_s, offs, buf, offs.numel(), M, KB, BLOCK_R=_PACK_ROWS,
-                G_BLOCK=triton.next_power_of_2(offs.numel()),
+    total = sum(rows)
+    buf = a_s.new_empty(max(total, 1) * KB)
+    if total:
+        if a_s.is_cuda:
+            _pack_scales_kernel[(cdiv(total, _PACK_ROWS),)](
+                a_s, offs, buf, offs.numel(), M, KB, total, ROW_ALIGN_=ROW_ALIGN,
+                BLOCK_R=_PACK_ROWS, G_BLOCK=triton.next_power_of_2(offs.numel()),
                 KB_BLOCK=triton.next_power_of_2(KB))
-    else:
-        buf[_pack_dest(offs, M, KB, used)] = a_s[:used].reshape(-1)
-    # group g occupies [start*KB, end*KB) of the buffer as a row-major [KB, m] block
-    return [buf.as_strided((e - s, KB), (1, e - s), s * KB) for s, e in bounds]
+        else:
+            src, dest = _pack_index(offs, M, KB, total)
+            vals = torch.cat([a_s, a_s.new_ones(1, KB)])[src]  # row M: scale 1
+            buf[dest] = vals.reshape(-1)
+    # group g occupies [pstart*KB, (pstart + r)*KB) of the buffer as a row-major [KB, r] block
+    out, pstart = [], 0
+    for r in rows:
+        out.append(buf.as_strided((r, KB), (1, r), pstart * KB))
+        pstart += r
+    return out
 
 
-def _pack_dest(offs: torch.Tensor, M: int, KB: int, used: int) -> torch.Tensor:
-    """Where element (r, kb) of the scales goes in the packed buffer, for rows r < used."""
+def _pack_index(offs: torch.Tensor, M: int, KB: int, total: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source row, clamped to M, per packed row; destination of each (packed row, kb))."""
     dev = offs.device
     ends = offs.to(torch.int64).clamp(min=0).cummax(0).values.clamp(max=M)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    sizes = ends - starts
-    g = torch.repeat_interleave(torch.arange(offs.numel(), device=dev), sizes, output_size=used)
-    rows = torch.arange(used, device=dev)
-    dest = (starts[g] * (KB - 1) + rows)[:, None] + \
-        torch.arange(KB, device=dev)[None, :] * sizes[g][:, None]
-    return dest.reshape(-1)
+    r = (ends - starts + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN
+    pstarts = torch.cumsum(r, 0) - r
+    g = torch.repeat_interleave(torch.arange(offs.numel(), device=dev), r, output_size=total)
+    j = torch.arange(total, device=dev) - pstarts[g]
+    src = (starts[g] + j).clamp(max=M)
+    dest = (pstarts[g] * KB + j)[:, None] + torch.arange(KB, device=dev)[None, :] * r[g][:, None]
+    return src, dest.reshape(-1)
 
 
 _PACK_ROWS = 64
@@ -255,47 +265,61 @@ def _max2(a, b):
 
 
 @triton.jit
-def _pack_scales_kernel(s_ptr, offs_ptr, buf_ptr, G, M, KB, BLOCK_R: tl.constexpr,
-                        G_BLOCK: tl.constexpr, KB_BLOCK: tl.constexpr):
-    # Row r of group [start, end) (ends: offs made non-decreasing and clamped to M, as
-    # _host_bounds does) moves its KB scales to buf[start*KB + kb*(end - start) + (r - start)].
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _pack_scales_kernel(s_ptr, offs_ptr, buf_ptr, G, M, KB, total, ROW_ALIGN_: tl.constexpr,
+                        BLOCK_R: tl.constexpr, G_BLOCK: tl.constexpr, KB_BLOCK: tl.constexpr):
+    # Packed row p of group g (groups of r = size rounded up to ROW_ALIGN_ rows, from offs made
+    # non-decreasing and clamped to M, as _host_bounds does) holds source row start_g + j,
+    # j = p - pstart_g, and goes to buf[pstart_g*KB + kb*r_g + j]; source rows past M read 1.
+    p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     gi = tl.arange(0, G_BLOCK)
     o = tl.load(offs_ptr + gi, mask=gi < G, other=0)
     ends = tl.minimum(tl.associative_scan(tl.maximum(o, 0), 0, _max2), M)
-    ends = tl.where(gi < G, ends, M)
-    used = tl.max(tl.where(gi < G, ends, 0), 0)
-    start = tl.max(tl.where(ends[None, :] <= rows[:, None], ends[None, :], 0), 1)
-    end = tl.min(tl.where(ends[None, :] > rows[:, None], ends[None, :], M), 1)
-    live = rows < used
+    prev = tl.minimum(tl.associative_scan(tl.maximum(
+        tl.load(offs_ptr + gi - 1, mask=(gi >= 1) & (gi < G), other=0), 0), 0, _max2), M)
+    r = tl.where(gi < G, (ends - prev + ROW_ALIGN_ - 1) // ROW_ALIGN_ * ROW_ALIGN_, 0)
+    pends = tl.cumsum(r, 0)
+    g = tl.sum((pends[None, :] <= p[:, None]).to(tl.int32), 1)
+    sel = gi[None, :] == g[:, None]
+    pstart = tl.sum(tl.where(sel, pends - r, 0), 1)
+    rg = tl.sum(tl.where(sel, r, 0), 1)
+    j = p - pstart
+    src = tl.sum(tl.where(sel, prev, 0), 1) + j
+    live = p < total
     kb = tl.arange(0, KB_BLOCK)
     m = live[:, None] & (kb[None, :] < KB)
-    v = tl.load(s_ptr + rows[:, None].to(tl.int64) * KB + kb[None, :], mask=m)
-    dest = start.to(tl.int64)[:, None] * KB + kb[None, :] * (end - start)[:, None] + \
-        (rows - start)[:, None]
+    v = tl.load(s_ptr + src[:, None].to(tl.int64) * KB + kb[None, :],
+                mask=m & (src < M)[:, None], other=1.0)
+    dest = pstart.to(tl.int64)[:, None] * KB + kb[None, :] * rg[:, None] + j[:, None]
     tl.store(buf_ptr + dest, v, mask=m)
 
 
 def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd,
                 offs_host: torch.Tensor | None = None):
-    """Rows of group g times b[g] (b [E, N, K], 128x128 blocks); rows past offs[-1] get 0."""
+    """Rows of group g times b[g] (b [E, N, K], 128x128 blocks); rows past offs[-1] get 0.
+
+    cuBLAS takes row counts in multiples of ROW_ALIGN, so each group's call covers its rows
+    rounded up to that: the extra rows read the next group's data and write output rows that a
+    later call (the next group's, run after it on the same stream) or the final zero fill
+    overwrites. Only a group whose rounded rows would run past M takes a zero-padded copy."""
     M = a_q.shape[0]
     out = torch.empty(M, b_q.shape[1], dtype=out_dtype, device=a_q.device)
     if a_q.shape[1] == 0:
         return out.zero_()
     bounds = _host_bounds(offs, M, offs_host)
     used = bounds[-1][1]
-    out[used:].zero_()
     if used == 0:
-        return out
-    scales = _pack_group_scales(a_s, offs, bounds)
+        return out.zero_()
     sizes = [e - s for s, e in bounds]
-    # views made in bulk (one call each) rather than sliced per group
-    a_g = a_q[:used].split(sizes)
-    o_g = out[:used].split(sizes)
-    for g, (m, b, bs) in enumerate(zip(sizes, b_q.unbind(0), b_s.unbind(0))):
-        if m:
-            _fwd_rows(a_g[g], scales[g], b, bs, o_g[g], dense)
+    rows = [cdiv(m, ROW_ALIGN) * ROW_ALIGN for m in sizes]
+    scales = _pack_group_scales(a_s, offs, bounds, rows)
+    for g, ((s, e), r, b, bs) in enumerate(zip(bounds, rows, b_q.unbind(0), b_s.unbind(0))):
+        if e == s:
+            continue
+        if s + r <= M:
+            dense(a_q[s:s + r], scales[g], b, bs, out[s:s + r])
+        else:
+            _fwd_rows(a_q[s:e], scales[g][:e - s], b, bs, out[s:e], dense)
+    out[used:].zero_()
     return out
 
 

@@ -9,6 +9,17 @@ group start, so a group of 200 rows has tiles of 128 and 72 rows. The number of 
 on the data, so scale tensors along a grouped axis get the static upper bound
 `max_tiles(length, groups) = cdiv(length, 128) + groups` slots; `tile_bounds` says which rows each
 slot covers (empty slots cover nothing and hold scale 1).
+
+Aligned group layout
+--------------------
+cuBLAS wants each wgrad group to start on a 16-element boundary and span a multiple of 16 tokens.
+The column-wise producers (`quantize_1x128_col`, `scaling_aware_transpose`) can therefore write
+their token axis in an aligned layout (`align` > 1): group g starts at the running sum of the
+earlier groups' sizes rounded up to `align`, the gap after each group and everything past the
+last group is zero bytes, and the width is `aligned_width(length, groups, align)`. That is
+exactly the plain layout of the input with zero rows inserted per group (`pad_groups`), whose
+group ends are `pad_offsets(offs, length, align)`: the consumer reads it with the padded ends.
+Zero rows change no scale (a tile's scale comes from its amax) and add nothing to a GEMM.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import require, require_dtype
 from ..recipe import TILE
 
 
@@ -28,6 +40,37 @@ def max_tiles(length: int, num_groups: int | None, tile: int = TILE) -> int:
     if num_groups is None:
         return cdiv(length, tile)
     return cdiv(length, tile) + num_groups
+
+
+def aligned_width(length: int, num_groups: int, align: int) -> int:
+    """Static width of the aligned layout: each group wastes at most align - 1 slots, and the
+    width is a multiple of align (16-byte rows for cuBLAS). `length` itself when align == 1."""
+    if align == 1:
+        return length
+    return cdiv(length + num_groups * (align - 1), align) * align
+
+
+def pad_offsets(offs: torch.Tensor, length: int, align: int) -> torch.Tensor:
+    """Group ends of the aligned layout: the running sum of the group sizes (bounds clamped to
+    [0, length] as the kernels clamp them) rounded up to `align`. int32, no host sync."""
+    ends = offs.to(torch.int64).clamp(0, length)
+    sizes = (ends - torch.cat([ends.new_zeros(1), ends[:-1]])).clamp(min=0)
+    return torch.cumsum((sizes + align - 1) // align * align, 0).to(torch.int32)
+
+
+def pad_groups(x: torch.Tensor, offs: torch.Tensor, align: int, fill: float = 0.0
+               ) -> torch.Tensor:
+    """x [M, ...] laid out as the aligned layout along dim 0: group g's rows moved to its padded
+    start, `fill` everywhere else (the rows past offs[-1] are dropped). For references."""
+    M = x.shape[0]
+    width = aligned_width(M, offs.numel(), align)
+    out = torch.full((width, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    ends = offs.to(torch.int64).clamp(0, M).tolist()
+    pends = pad_offsets(offs, M, align).tolist()
+    for start, end, pstart in zip([0] + ends[:-1], ends, [0] + pends[:-1]):
+        n = max(end - start, 0)
+        out[pstart:pstart + n] = x[start:start + n]
+    return out
 
 
 def tile_bounds(offs: torch.Tensor | None, length: int, tile: int = TILE,
@@ -75,15 +118,52 @@ def _group_table(offs_ptr, G, length, TILE_: tl.constexpr, G_BLOCK: tl.constexpr
                  TAIL: tl.constexpr):
     # Per group g < G (and g == G, the rows past offs[-1], when TAIL): first row, end row and
     # tile count, bounds clamped to [0, length]; lanes past the last group hold 0 tiles.
+    gi, prev, ends = _group_bounds(offs_ptr, G, length, G_BLOCK)
+    live = (gi < G) | ((gi == G) & TAIL)
+    ntiles = tl.where(live, (tl.maximum(ends - prev, 0) + TILE_ - 1) // TILE_, 0)
+    return gi, prev, ends, ntiles
+
+
+@triton.jit
+def _group_bounds(offs_ptr, G, length, G_BLOCK: tl.constexpr):
     gi = tl.arange(0, G_BLOCK)
     ends = tl.load(offs_ptr + gi, mask=gi < G, other=0)
     ends = tl.where(gi == G, length, ends)
     prev = tl.load(offs_ptr + gi - 1, mask=(gi >= 1) & (gi <= G), other=0)
     ends = tl.minimum(tl.maximum(ends, 0), length)
     prev = tl.minimum(tl.maximum(prev, 0), length)
-    live = (gi < G) | ((gi == G) & TAIL)
-    ntiles = tl.where(live, (tl.maximum(ends - prev, 0) + TILE_ - 1) // TILE_, 0)
-    return gi, prev, ends, ntiles
+    return gi, prev, ends
+
+
+@triton.jit
+def group_slot_aligned(offs_ptr, G, length, width, t, TILE_: tl.constexpr,
+                       G_BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """Tile slot t of the aligned layout (module docstring) -> (group, first and end row of the
+    input, first and end slot of the output axis of `width`).
+
+    Output tiles restart at each group's padded start and cover its padded size; the input rows
+    of a tile are the same offset into the group, up to the group's real end (the rest of the
+    tile is padding). The rows past the last group follow as pseudo-group G up to `width`, which
+    reads nothing. Slots are numbered as `tile_bounds(pad_offsets(offs), width)` numbers them."""
+    gi, prev, ends = _group_bounds(offs_ptr, G, length, G_BLOCK)
+    size = tl.where(gi < G, tl.maximum(ends - prev, 0), 0)
+    pends = tl.cumsum((size + ALIGN - 1) // ALIGN * ALIGN, 0)
+    pused = tl.max(tl.where(gi < G, pends, 0), 0)
+    pends = tl.where(gi == G, width, pends)
+    pprev = tl.where(gi == G, pused, pends - (size + ALIGN - 1) // ALIGN * ALIGN)
+    ntiles = tl.where(gi <= G, (tl.maximum(pends - pprev, 0) + TILE_ - 1) // TILE_, 0)
+    cum = tl.cumsum(ntiles, 0)
+    g = tl.sum((cum <= t).to(tl.int32), 0)
+    sel = gi == g
+    base = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
+    ofirst = tl.sum(tl.where(sel, pprev, 0), 0) + (t - base) * TILE_
+    oend = tl.minimum(ofirst + TILE_, tl.sum(tl.where(sel, pends, 0), 0))
+    first = tl.sum(tl.where(sel, prev, 0), 0) + (ofirst - tl.sum(tl.where(sel, pprev, 0), 0))
+    end = tl.sum(tl.where(sel, ends, 0), 0)
+    valid = tl.sum(tl.where(sel, ntiles, 0), 0) > 0
+    live = valid & (g < G)
+    return (g, tl.where(live, first, 0), tl.where(live, tl.minimum(end, first + TILE_), 0),
+            tl.where(valid, ofirst, 0), tl.where(valid, oend, 0))
 
 
 @triton.jit
@@ -116,3 +196,35 @@ def group_span(offs_ptr, G, length, g, TILE_: tl.constexpr, G_BLOCK: tl.constexp
     sel = gi == g
     base = tl.sum(tl.where(gi < g, ntiles, 0), 0)
     return tl.sum(tl.where(sel, prev, 0), 0), tl.sum(tl.where(sel, ends, 0), 0), base
+
+
+# ---------------------------------------------------------------- pad_offsets as an op
+
+@triton.jit
+def _pad_offsets_kernel(offs_ptr, out_ptr, G, length, ALIGN: tl.constexpr,
+                        G_BLOCK: tl.constexpr):
+    gi, prev, ends = _group_bounds(offs_ptr, G, length, G_BLOCK)
+    size = tl.where(gi < G, tl.maximum(ends - prev, 0), 0)
+    tl.store(out_ptr + gi, tl.cumsum((size + ALIGN - 1) // ALIGN * ALIGN, 0), mask=gi < G)
+
+
+@torch.library.custom_op("fp8flow::pad_offsets", mutates_args=())
+def pad_offsets_op(offs: torch.Tensor, length: int, align: int) -> torch.Tensor:
+    """`pad_offsets` as an op for the compiled graph: the group ends of the aligned layout that
+    `quantize_1x128_col(.., align)` and `scaling_aware_transpose(.., align)` write, for the
+    GEMM that reads it. One small kernel on CUDA (the torch form is ten launches)."""
+    require(offs.dim() == 1 and offs.numel() >= 1, "pad_offsets",
+            "offs must be a non-empty 1-D tensor")
+    require_dtype(offs, (torch.int32,), "pad_offsets", "offs")
+    require(align >= 1, "pad_offsets", f"align must be >= 1, got {align}")
+    if not offs.is_cuda:
+        return pad_offsets(offs, length, align)
+    out = torch.empty_like(offs)
+    _pad_offsets_kernel[(1,)](offs, out, offs.numel(), length, ALIGN=align,
+                              G_BLOCK=group_block(offs.numel()))
+    return out
+
+
+@pad_offsets_op.register_fake
+def _(offs, length, align):
+    return torch.empty_like(offs)

@@ -23,7 +23,17 @@ from ..errors import require, require_dtype
 from ..recipe import E4M3_MAX, TILE
 from . import fp8_math as fm
 from .common import FP8, HIGH, use_triton
-from .groups import cdiv, group_block, group_slot, max_tiles, tile_bounds
+from .groups import (
+    aligned_width,
+    cdiv,
+    group_block,
+    group_slot,
+    group_slot_aligned,
+    max_tiles,
+    pad_groups,
+    pad_offsets,
+    tile_bounds,
+)
 
 # ---------------------------------------------------------------- torch reference (any device)
 
@@ -59,8 +69,11 @@ def quantize_1x128_ref(x: torch.Tensor, offs: torch.Tensor | None = None
     return q, s
 
 
-def quantize_1x128_col_ref(x: torch.Tensor, offs: torch.Tensor | None = None
+def quantize_1x128_col_ref(x: torch.Tensor, offs: torch.Tensor | None = None, align: int = 1
                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    if offs is not None and align > 1:
+        return quantize_1x128_ref(pad_groups(x, offs, align).t(),
+                                  pad_offsets(offs, x.shape[0], align))
     return quantize_1x128_ref(x.t(), offs)
 
 
@@ -130,14 +143,26 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, offs_ptr, G, R, C, T,
 
 
 @triton.jit
-def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, offs_ptr, G, M, K, T,
+def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, offs_ptr, G, M, PM, K, T,
                           BLOCK_K: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr,
-                          G_BLOCK: tl.constexpr):
-    # x [M, K] row-major; tile t covers rows [start, end); writes qT [K, M] and sT [K, T].
+                          G_BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    # x [M, K] row-major; tile t reads rows [start, end) and writes columns [ostart, oend) of
+    # qT [K, PM] (the same range unless ALIGN > 1: the aligned layout, see kernels.groups, whose
+    # padding gets zero bytes) and sT [K, T].
     t = tl.program_id(0)
     pid_k = tl.program_id(1)
-    start, end, live = tile_range(offs_ptr, G, t, M, TILE_, GROUPED, G_BLOCK)
+    if GROUPED:
+        g, start, end, ostart, oend = group_slot_aligned(offs_ptr, G, M, PM, t, TILE_, G_BLOCK,
+                                                         ALIGN)
+        live = g < G
+    else:
+        start = t * TILE_
+        end = tl.minimum(start + TILE_, M)
+        live = start < end
+        ostart = start
+        oend = end
     rows = start + tl.arange(0, TILE_)
+    ocols = ostart + tl.arange(0, TILE_)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = cols < K
     mask = (rows < end)[:, None] & kmask[None, :]
@@ -146,8 +171,9 @@ def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, offs_ptr, G, M, K, T,
     byte, scale = fm.quantize_tile(x.to(tl.float32), 0)
     # Store through a transposed tile so that the contiguous dim of the store (rows of x, i.e.
     # the columns of qT) is the tile's fast dim: coalesced writes instead of strided bytes.
-    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :],
-             tl.trans(byte.to(tl.uint8)), mask=tl.trans(mask))
+    omask = (ocols < oend)[:, None] & kmask[None, :]
+    tl.store(qt_ptr + cols[:, None].to(tl.int64) * PM + ocols[None, :],
+             tl.trans(byte.to(tl.uint8)), mask=tl.trans(omask))
     tl.store(st_ptr + cols.to(tl.int64) * T + t, scale, mask=kmask)
 
 
@@ -233,16 +259,20 @@ def quantize_1x128_triton(x, offs=None, block_r: int = _BLOCK_R, num_warps: int 
     return q, s
 
 
-def quantize_1x128_col_triton(x, offs=None, block_k: int = 64, num_warps: int = 4):
+def quantize_1x128_col_triton(x, offs=None, align: int = 1, block_k: int = 64,
+                              num_warps: int = 4):
     M, K = x.shape
-    T = max_tiles(M, None if offs is None else offs.numel())
-    qt = torch.empty(K, M, dtype=FP8, device=x.device)
+    G = None if offs is None else offs.numel()
+    PM = M if offs is None else aligned_width(M, G, align)
+    T = max_tiles(PM, G)
+    qt = torch.empty(K, PM, dtype=FP8, device=x.device)
     st = torch.ones(K, T, dtype=torch.float32, device=x.device)
     og, G, grouped, gb = _groups(offs, x.device)
     if K and T:
         _quantize_cols_kernel[(T, cdiv(K, block_k))](
-            x, qt.view(torch.uint8), st, og, G, M, K, T,
-            BLOCK_K=block_k, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb, num_warps=num_warps)
+            x, qt.view(torch.uint8), st, og, G, M, PM, K, T,
+            BLOCK_K=block_k, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb, ALIGN=align,
+            num_warps=num_warps)
     return qt, st
 
 
@@ -317,6 +347,15 @@ def _check_offs(offs, length, op):
     del length  # group ends beyond the axis are a data error the kernels cannot see cheaply
 
 
+def check_align(align: int, offs, op: str) -> None:
+    """align: 1 (plain layout) or a power of two for the aligned group layout (kernels.groups),
+    which needs groups."""
+    require(isinstance(align, int) and align >= 1 and align & (align - 1) == 0, op,
+            f"align must be a power of two >= 1, got {align}")
+    require(align == 1 or offs is not None, op, f"align = {align} needs offs (groups to align)")
+    require(align <= TILE, op, f"align = {align} must not exceed the {TILE}-row tile")
+
+
 def _check_weight(w, op):
     require(w.dim() in (2, 3), op, f"weight must be 2-D or 3-D, got shape {tuple(w.shape)}")
     require_dtype(w, HIGH, op, "weight")
@@ -349,20 +388,24 @@ def _(x, offs=None):
 
 
 @torch.library.custom_op("fp8flow::quantize_1x128_col", mutates_args=())
-def quantize_1x128_col(x: torch.Tensor, offs: torch.Tensor | None = None
+def quantize_1x128_col(x: torch.Tensor, offs: torch.Tensor | None = None, align: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column-wise 1x128 quantization of x [M, K]: returns (qT [K, M], sT [K, T]), tiles along M
-    restarting at each group of `offs`."""
+    """Column-wise 1x128 quantization of x [M, K]: returns (qT [K, W], sT [K, T]), tiles along M
+    restarting at each group of `offs`. W = M, or with align > 1 the aligned group layout of
+    kernels.groups (read it with `pad_offsets(offs, M, align)` as its group ends)."""
     _check_high(x, "quantize_1x128_col")
     _check_offs(offs, x.shape[0], "quantize_1x128_col")
-    return (quantize_1x128_col_triton if use_triton(x) else quantize_1x128_col_ref)(x, offs)
+    check_align(align, offs, "quantize_1x128_col")
+    return (quantize_1x128_col_triton if use_triton(x) else quantize_1x128_col_ref)(x, offs,
+                                                                                     align)
 
 
 @quantize_1x128_col.register_fake
-def _(x, offs=None):
+def _(x, offs=None, align=1):
     M, K = x.shape
-    T = max_tiles(M, None if offs is None else offs.shape[0])
-    return x.new_empty(K, M, dtype=FP8), x.new_empty(K, T, dtype=torch.float32)
+    G = None if offs is None else offs.shape[0]
+    W = M if offs is None else aligned_width(M, G, align)
+    return x.new_empty(K, W, dtype=FP8), x.new_empty(K, max_tiles(W, G), dtype=torch.float32)
 
 
 @torch.library.custom_op("fp8flow::dequantize_1x128", mutates_args=())

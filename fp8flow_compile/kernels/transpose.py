@@ -50,8 +50,15 @@ from ..errors import require, require_dtype
 from ..recipe import TILE
 from .common import FP8, use_triton
 from .fp8_math import HW_CAST
-from .groups import max_tiles, tile_bounds
-from .quantize import _groups, tile_range
+from .groups import (
+    aligned_width,
+    group_slot_aligned,
+    max_tiles,
+    pad_groups,
+    pad_offsets,
+    tile_bounds,
+)
+from .quantize import _groups, check_align
 
 _OP = "scaling_aware_transpose"
 
@@ -59,10 +66,16 @@ _OP = "scaling_aware_transpose"
 # ---------------------------------------------------------------- torch reference (any device)
 
 def scaling_aware_transpose_ref(q: torch.Tensor, s: torch.Tensor,
-                                offs: torch.Tensor | None = None
+                                offs: torch.Tensor | None = None, align: int = 1
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The transpose computed by dequantizing in float64 (exact for E4M3 values times
-    power-of-two scales), dividing by the new scale and letting torch round to E4M3."""
+    power-of-two scales), dividing by the new scale and letting torch round to E4M3. The
+    aligned layout is the plain one of the rows zero-padded per group (zero bytes, scale 1)."""
+    if offs is not None and align > 1:
+        M = q.shape[0]
+        qp = pad_groups(q.view(torch.uint8), offs, align).view(FP8)
+        return scaling_aware_transpose_ref(qp, pad_groups(s, offs, align, fill=1.0),
+                                           pad_offsets(offs, M, align))
     M, K = q.shape
     KB = K // TILE
     starts, ends = tile_bounds(offs, M, device=q.device)
@@ -152,23 +165,29 @@ def _new_scale(sc_ex):
 
 
 @triton.jit
-def _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, lmask_row, rows, cols, M, K, KB, kb):
+def _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, ostart, oend, live, M, PM, K, KB, kb,
+                     TILE_: tl.constexpr):
     # Byte stores: any tile. The layout change goes through shared memory as bytes.
-    byte, s_ex, live_ex = _load_block(q_ptr, s_ptr, rows, cols, lmask_row, K, KB, kb)
+    rows = start + tl.arange(0, TILE_)
+    cols = kb * TILE_ + tl.arange(0, TILE_)
+    lmask = (rows < end) & (rows < M) & live
+    byte, s_ex, live_ex = _load_block(q_ptr, s_ptr, rows, cols, lmask, K, KB, kb)
     sc_ex = _new_scale(tl.max(live_ex, axis=0))
     k = tl.maximum(sc_ex - s_ex, 0)  # negative only for all-zero rows, whose bytes stay zero
     out = tl.trans(rescale_e4m3(byte, k[:, None]).to(tl.uint8))
-    rmask = (rows < end) & (rows < M)
-    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], out, mask=rmask[None, :])
+    ocols = ostart + tl.arange(0, TILE_)
+    omask = (ocols < oend) & (ocols < PM)
+    tl.store(qt_ptr + cols[:, None].to(tl.int64) * PM + ocols[None, :], out, mask=omask[None, :])
     return sc_ex
 
 
 @triton.jit
-def _transpose_words(q_ptr, s_ptr, qt32_ptr, start, end, live, cols, M, K, KB, kb,
+def _transpose_words(q_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live, PM, K, KB, kb,
                      TILE_: tl.constexpr):
-    # Word stores: tiles whose rows start and end on multiples of 4 (M too). Rows 4w..4w+3 are
-    # loaded as four row sets in the same layout, so packing their bytes into one int32 word
+    # Word stores: output tiles that start and end on multiples of 4 (PM too). Rows 4w..4w+3
+    # are loaded as four row sets in the same layout, so packing their bytes into one int32 word
     # per (w, column) moves no data between threads; the transpose then moves 4-byte words.
+    cols = kb * TILE_ + tl.arange(0, TILE_)
     w = tl.arange(0, TILE_ // 4)
     r0 = start + 4 * w
     b0, e0, l0 = _load_block(q_ptr, s_ptr, r0, cols, (r0 < end) & live, K, KB, kb)
@@ -182,36 +201,44 @@ def _transpose_words(q_ptr, s_ptr, qt32_ptr, start, end, live, cols, M, K, KB, k
     word |= rescale_e4m3(b2, tl.maximum(sc_ex - e2, 0)[:, None]) << 16
     word |= rescale_e4m3(b3, tl.maximum(sc_ex - e3, 0)[:, None]) << 24
     out = tl.trans(word)  # [128 columns, 32 words]
-    wq = start // 4 + w
-    tl.store(qt32_ptr + cols[:, None].to(tl.int64) * (M // 4) + wq[None, :], out,
-             mask=(wq < end // 4)[None, :])
+    wq = ostart // 4 + w
+    tl.store(qt32_ptr + cols[:, None].to(tl.int64) * (PM // 4) + wq[None, :], out,
+             mask=(wq < oend // 4)[None, :])
     return sc_ex
 
 
 @triton.jit
-def _transpose_kernel(q_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, offs_ptr, G, M, K, KB, T,
+def _transpose_kernel(q_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, offs_ptr, G, M, PM, K, KB, T,
                       TILE_: tl.constexpr, GROUPED: tl.constexpr, G_BLOCK: tl.constexpr,
-                      WORDS: tl.constexpr):
+                      WORDS: tl.constexpr, ALIGN: tl.constexpr):
     # One program per (tile slot t, column block kb): reads q[start:end, block] and s[rows, kb],
-    # writes qT[block, start:end] and sT[block, t]. The rows past offs[-1] come as slots of
-    # their own that read nothing: zero bytes, scale 1. WORDS (M a multiple of 4): tiles on
-    # 4-row boundaries store int32 words, the others bytes.
+    # writes qT[block, ostart:oend] and sT[block, t]. The output range is the input range
+    # (ALIGN == 1) or its place in the aligned layout (kernels.groups), padding included. The
+    # rows past offs[-1] come as slots of their own that read nothing: zero bytes, scale 1.
+    # WORDS (PM a multiple of 4): tiles on 4-column boundaries store int32 words, else bytes.
     t = tl.program_id(0)
     kb = tl.program_id(1)
-    start, end, live = tile_range(offs_ptr, G, t, M, TILE_, GROUPED, G_BLOCK)
-    cols = kb * TILE_ + tl.arange(0, TILE_)
-    rows = start + tl.arange(0, TILE_)
-    lmask = (rows < end) & (rows < M) & live
-    if WORDS:
-        if (start % 4 == 0) & (end % 4 == 0):
-            sc_ex = _transpose_words(q_ptr, s_ptr, qt32_ptr, start, end, live, cols, M, K, KB,
-                                     kb, TILE_)
-        else:
-            sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, lmask, rows, cols, M, K,
-                                     KB, kb)
+    if GROUPED:
+        g, start, end, ostart, oend = group_slot_aligned(offs_ptr, G, M, PM, t, TILE_, G_BLOCK,
+                                                         ALIGN)
+        live = g < G
     else:
-        sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, lmask, rows, cols, M, K, KB,
-                                 kb)
+        start = t * TILE_
+        end = tl.minimum(start + TILE_, M)
+        live = start < end
+        ostart = start
+        oend = end
+    cols = kb * TILE_ + tl.arange(0, TILE_)
+    if WORDS:
+        if (ostart % 4 == 0) & (oend % 4 == 0):
+            sc_ex = _transpose_words(q_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live, PM,
+                                     K, KB, kb, TILE_)
+        else:
+            sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, ostart, oend, live, M,
+                                     PM, K, KB, kb, TILE_)
+    else:
+        sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, ostart, oend, live, M, PM,
+                                 K, KB, kb, TILE_)
     sc = (sc_ex << 23).to(tl.float32, bitcast=True)
     tl.store(st_ptr + cols.to(tl.int64) * T + t, sc + tl.zeros([TILE_], tl.float32))
 
@@ -219,32 +246,34 @@ def _transpose_kernel(q_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, offs_ptr, G, M, K,
 # ---------------------------------------------------------------- launcher
 
 def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
-                                   offs: torch.Tensor | None = None,
+                                   offs: torch.Tensor | None = None, align: int = 1,
                                    num_warps: int | None = None, words: bool = True
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = q.shape
     KB = K // TILE
-    T = max_tiles(M, None if offs is None else offs.numel())
-    qT = torch.empty(K, M, dtype=FP8, device=q.device)
+    G = None if offs is None else offs.numel()
+    PM = M if offs is None else aligned_width(M, G, align)
+    T = max_tiles(PM, G)
+    qT = torch.empty(K, PM, dtype=FP8, device=q.device)
     # Every (slot, block) program writes its 128 scale entries, empty slots included.
     sT = torch.empty(K, T, dtype=torch.float32, device=q.device)
     og, G, grouped, gb = _groups(offs, q.device)
-    words = words and M % 4 == 0
+    words = words and PM % 4 == 0
     # H100, DeepSeek-V3 [P, 7168]: words 4 warps 0.76 ms, 8 warps 1.02; bytes 8 warps 1.01,
     # 4 warps 2.05.
     num_warps = num_warps or (4 if words else 8)
     if T and KB:
         qt8 = qT.view(torch.uint8)
         _transpose_kernel[(T, KB)](q.view(torch.uint8), s, qt8,
-                                   qt8.view(torch.int32) if words else qt8, sT, og, G, M, K,
+                                   qt8.view(torch.int32) if words else qt8, sT, og, G, M, PM, K,
                                    KB, T, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb, WORDS=words,
-                                   num_warps=num_warps)
+                                   ALIGN=align, num_warps=num_warps)
     return qT, sT
 
 
 # ---------------------------------------------------------------- checks and custom op
 
-def _check(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None) -> None:
+def _check(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None, align: int) -> None:
     require(q.dim() == 2, _OP, f"data must be 2-D, got shape {tuple(q.shape)}")
     require_dtype(q, (FP8,), _OP, "data")
     require_dtype(s, (torch.float32,), _OP, "scales")
@@ -258,20 +287,24 @@ def _check(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None) -> None:
         require_dtype(offs, (torch.int32,), _OP, "offs")
         require(offs.device == q.device, _OP, "offs must be on the device of the data")
     require(s.device == q.device, _OP, "scales must be on the device of the data")
+    check_align(align, offs, _OP)
 
 
 @torch.library.custom_op("fp8flow::scaling_aware_transpose", mutates_args=())
-def scaling_aware_transpose(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise 1x128 FP8 (q [M, K], s [M, K/128]) -> column-wise 1x128 FP8 (qT [K, M],
-    sT [K, T]) as quantize_1x128_col lays it out, tiles along M restarting at groups of `offs`."""
-    _check(q, s, offs)
+def scaling_aware_transpose(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None = None,
+                            align: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise 1x128 FP8 (q [M, K], s [M, K/128]) -> column-wise 1x128 FP8 (qT [K, W],
+    sT [K, T]) as quantize_1x128_col lays it out, tiles along M restarting at groups of `offs`.
+    W = M, or with align > 1 the aligned group layout of kernels.groups (read it with
+    `pad_offsets(offs, M, align)` as its group ends)."""
+    _check(q, s, offs, align)
     fn = scaling_aware_transpose_triton if use_triton(q) else scaling_aware_transpose_ref
-    return fn(q, s, offs)
+    return fn(q, s, offs, align)
 
 
 @scaling_aware_transpose.register_fake
-def _(q, s, offs=None):
+def _(q, s, offs=None, align=1):
     M, K = q.shape
-    T = max_tiles(M, None if offs is None else offs.shape[0])
-    return q.new_empty(K, M, dtype=FP8), q.new_empty(K, T, dtype=torch.float32)
+    G = None if offs is None else offs.shape[0]
+    W = M if offs is None else aligned_width(M, G, align)
+    return q.new_empty(K, W, dtype=FP8), q.new_empty(K, max_tiles(W, G), dtype=torch.float32)

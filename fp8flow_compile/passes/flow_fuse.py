@@ -338,9 +338,9 @@ def _tiled(h: fx.Node) -> str | None:
     return None
 
 
-def _transposed(gm: fx.GraphModule, qs: list[fx.Node], offs) -> list[fx.Node]:
-    return call_multi(gm, ops.scaling_aware_transpose.default, (qs[0], qs[1], offs), 2,
-                      name=f"t_{qs[0].name}")
+def _transposed(gm: fx.GraphModule, qs: list[fx.Node], offs, align: int) -> list[fx.Node]:
+    args = (qs[0], qs[1], offs) + ((align,) if align > 1 else ())
+    return call_multi(gm, ops.scaling_aware_transpose.default, args, 2, name=f"t_{qs[0].name}")
 
 
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
@@ -353,6 +353,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         # A column-wise quantization is left only where no GEMM needed the row-wise form (a
         # wgrad whose dgrad is not computed): the fused op's row-wise output, transposed.
         offs = n.args[1] if col and len(n.args) > 1 else None
+        align = n.args[2] if col and len(n.args) > 2 else 1
         x = n.args[0]
         why: list[str] = []
         with unset_fake_temporarily():  # the test values are real tensors
@@ -377,7 +378,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 target, name = ops.swiglu_quant_backward.default, f"swiglu_bwd_{h.name}"
                 args = (contiguous(gm, d_a), contiguous(gm, h), _probs_arg(gm, p))
             new = call_multi(gm, target, args, len(target._schema.returns), name=name)[:2]
-            new = _transposed(gm, new, offs) if col else new
+            new = _transposed(gm, new, offs, align) if col else new
         replace_outputs(gm, n, new)
         what = f"SwiGLU({h.name})" if d_a is None else f"SwiGLU gradient of {h.name}"
         ctx.log.append(f"fuse: quantization of {x.name} = {what} -> {target._opname}")

@@ -2,9 +2,9 @@
 
 Expects: the Q/DQ graph of insert_qdq. Guarantees: every `quantize_1x128_col(x, offs)` whose `x`
 also has a `quantize_1x128(x)` (no groups along its last dim, whose length is a multiple of 128)
-is replaced by `scaling_aware_transpose` of that row-wise form: no second rounding from the
-high-precision value and no dequantize -> requantize (the transpose is exact wherever the
-shifted value stays representable, see kernels/transpose.py).
+is replaced by `scaling_aware_transpose` of that row-wise form, in the same group layout (offs,
+align): no second rounding from the high-precision value and no dequantize -> requantize (the
+transpose is exact wherever the shifted value stays representable, see kernels/transpose.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             continue
         src = n.args[0]
         offs = n.args[1] if len(n.args) > 1 else None
+        align = n.args[2] if len(n.args) > 2 else 1
         row = rows.get(src)
         if row is None or val(src).shape[-1] % 128:
             continue
@@ -48,7 +49,8 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             for m in (row, *(o for o in (q, s) if o is not None)):
                 n.prepend(m)
         with gm.graph.inserting_before(n):
-            tq, ts = call_multi(gm, ops.scaling_aware_transpose.default, (q, s, offs), 2,
+            args = (q, s, offs) + ((align,) if align > 1 else ())
+            tq, ts = call_multi(gm, ops.scaling_aware_transpose.default, args, 2,
                                 name=f"t_{src.name}")
         for old, new in zip(_outputs(n), (tq, ts)):
             if old is not None:

@@ -14,6 +14,12 @@ kernels/cublas.py; decided here from the shapes) also get `offsets_to_host(offs)
 of the group ends per offs, started right where offs is made without waiting, shared by the
 forward and (saved) by the backward, so a step copies offs once instead of synchronising once per
 grouped GEMM.
+
+A grouped wgrad whose two operands are both quantized column-wise gets them in the aligned group
+layout (`align` = the recipe's group_align, 16; kernels/groups.py): each expert group starts on a
+16-token boundary, with zero tokens between groups, and the wgrad reads them with
+`pad_offsets(offs, tokens, 16)` as its group ends. Zero tokens add nothing and change no scale, so
+the result is the same; cuBLAS can then take every group's columns as they are.
 """
 
 from __future__ import annotations
@@ -22,45 +28,79 @@ import torch
 import torch.fx as fx
 
 from ..kernels import cublas, gemm
+from ..recipe import BLOCKWISE
 from .graph import Ctx, call, call_multi, contiguous, size_hint, strip, val
 
 aten = torch.ops.aten
+GROUP_ALIGN = BLOCKWISE.group_align
 ops = torch.ops.fp8flow
 
 
-def quantize(gm, target, x, offs, role) -> tuple[fx.Node, fx.Node]:
-    """(data, scales) of `target(x[, offs])` inserted here, tagged for the counters."""
+def quantize(gm, target, x, offs, role, align: int = 1) -> tuple[fx.Node, fx.Node]:
+    """(data, scales) of `target(x[, offs[, align]])` inserted here, tagged for the counters."""
     args = (x,) if target is ops.quantize_128x128.default else (x, offs)
+    args += (align,) if align > 1 else ()
     q, s = call_multi(gm, target, args, 2, name=f"q_{x.name}")
     q.args[0].meta["fp8flow"] = {"role": role, "src": x}
     return q, s
 
 
-def quant_rows(gm, x: fx.Node, offs=None):
-    """1x128 tiles along the last dim of the 2-D operand x (the contracted axis)."""
+def _col(x: fx.Node, of_t: bool) -> bool:
+    """Whether quant_rows (of_t False) / quant_rows_of_t (True) quantizes x column-wise."""
     src, transposed = strip(x)
-    if transposed and val(src).dim() == 2:
-        return quantize(gm, ops.quantize_1x128_col.default, contiguous(gm, src), offs, "act")
+    return (transposed and val(src).dim() == 2) != of_t
+
+
+def quant_rows(gm, x: fx.Node, offs=None, align: int = 1):
+    """1x128 tiles along the last dim of the 2-D operand x (the contracted axis). align: the
+    group layout of a column-wise form (kernels.groups); the row-wise form is never padded."""
+    src, _ = strip(x)
+    if _col(x, False):
+        return quantize(gm, ops.quantize_1x128_col.default, contiguous(gm, src), offs, "act",
+                        align)
     return quantize(gm, ops.quantize_1x128.default, contiguous(gm, x), offs, "act")
 
 
-def quant_rows_of_t(gm, x: fx.Node, offs=None):
+def quant_rows_of_t(gm, x: fx.Node, offs=None, align: int = 1):
     """1x128 tiles along dim 0 of the 2-D operand x, returned in the layout of x^T."""
-    src, transposed = strip(x)
-    if transposed and val(src).dim() == 2:
-        return quantize(gm, ops.quantize_1x128.default, contiguous(gm, src), offs, "act")
-    return quantize(gm, ops.quantize_1x128_col.default, contiguous(gm, x), offs, "act")
+    src, _ = strip(x)
+    if _col(x, True):
+        return quantize(gm, ops.quantize_1x128_col.default, contiguous(gm, x), offs, "act",
+                        align)
+    return quantize(gm, ops.quantize_1x128.default, contiguous(gm, src), offs, "act")
+
+
+def padded_offsets(gm: fx.GraphModule, offs: fx.Node, x: fx.Node, align: int, cache: dict
+                   ) -> fx.Node:
+    """`pad_offsets(offs, tokens, align)` for the groups of offs along dim 0 of x (the tokens),
+    one per offs and align. With a static token count it goes right after offs is made (so the
+    forward makes it, and its host copy, once per step); a symbolic count is read from x by a
+    `sym_size` node, so the op goes where the GEMM is."""
+    key = (offs, align)
+    if key not in cache:
+        length = val(x).shape[0]
+        if isinstance(length, torch.SymInt):
+            length = call(gm, aten.sym_size.int, (x, 0))
+            cache[key] = call(gm, ops.pad_offsets.default, (offs, length, align),
+                              name="offs_pad")
+        else:
+            with _after(gm, offs):
+                cache[key] = call(gm, ops.pad_offsets.default, (offs, int(length), align),
+                                  name="offs_pad")
+    return cache[key]
+
+
+def _after(gm: fx.GraphModule, n: fx.Node):
+    if n.op == "placeholder":
+        return gm.graph.inserting_before(next(m for m in gm.graph.nodes
+                                              if m.op != "placeholder"))
+    return gm.graph.inserting_after(n)
 
 
 def host_offsets(gm: fx.GraphModule, offs: fx.Node, cache: dict) -> fx.Node:
     """`offsets_to_host(offs)`, one per offs node, inserted right after offs is made."""
     if offs not in cache:
-        if offs.op == "placeholder":
-            at = next(n for n in gm.graph.nodes if n.op != "placeholder")
-            ctxm = gm.graph.inserting_before(at)
-        else:
-            ctxm = gm.graph.inserting_after(offs)
-        with ctxm:
+        with _after(gm, offs):
             cache[offs] = call(gm, ops.offsets_to_host.default, (offs,), name="offs_host")
     return cache[offs]
 
@@ -81,6 +121,7 @@ def _may_loop_on_host(kind: str, a: fx.Node, b: fx.Node, offs: fx.Node) -> bool:
 
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     host: dict = {}
+    pads: dict = {}
     for g in ctx.gemms:
         if not g.fp8:
             continue
@@ -110,12 +151,19 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 if g.kind == "addmm":
                     new = call(gm, aten.add.Tensor, (new, n.args[0]))
             else:  # grouped_wgrad: out[e] = A_e @ B_e, contracted over the grouped token axis
-                aq, as_ = quant_rows(gm, g.a, g.offs)
-                bq, bs = quant_rows_of_t(gm, g.b, g.offs)
-                oh = (host_offsets(gm, g.offs, host)
-                      if _may_loop_on_host("grouped_wgrad", aq, bq, g.offs) else None)
+                # Column-wise operands are written in the aligned group layout (every group on
+                # 16 tokens) when both are, read with the padded group ends: cuBLAS then needs
+                # no zero-padded copy per group (kernels/cublas.py).
+                align = (GROUP_ALIGN if _col(g.a, False) and _col(g.b, True) else 1)
+                aq, as_ = quant_rows(gm, g.a, g.offs, align)
+                bq, bs = quant_rows_of_t(gm, g.b, g.offs, align)
+                offs = g.offs
+                if align > 1:  # the quantized tensor [tokens, K] is the quantize's input
+                    offs = padded_offsets(gm, g.offs, bq.args[0].args[0], align, pads)
+                oh = (host_offsets(gm, offs, host)
+                      if _may_loop_on_host("grouped_wgrad", aq, bq, offs) else None)
                 new = call(gm, ops.grouped_gemm_fp8_wgrad.default,
-                           (aq, as_, bq, bs, g.offs, out_dtype, oh))
+                           (aq, as_, bq, bs, offs, out_dtype, oh))
         new.meta["fp8flow"] = {"role": "gemm", "replaces": n.name}
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
