@@ -15,6 +15,7 @@ import triton.language as tl
 from fp8flow_compile import Fp8Unsupported
 from fp8flow_compile.kernels import cublas as CB
 from fp8flow_compile.kernels import gemm as G
+from fp8flow_compile.kernels import groups as GR
 from fp8flow_compile.kernels import quantize as Q
 from fp8flow_compile.kernels.groups import group_block, group_slot, group_span, tile_bounds
 from fp8flow_compile.recipe import TILE
@@ -432,7 +433,7 @@ CUBLAS_OFFS = {**OFFS_CASES, "small_and_unaligned": [1, 6, 22, 38, 38, 166, 294]
 
 
 @pytest.mark.parametrize("case", CUBLAS_OFFS)
-def test_cublas_grouped_loop_matches_reference(case):
+def test_cublas_grouped_loop_matches_reference(case, monkeypatch):
     offs = torch.tensor(CUBLAS_OFFS[case], dtype=torch.int32)
     E = offs.numel()
     aq, as_ = Q.quantize_1x128_ref(rnd((P, 512), 50))
@@ -443,13 +444,19 @@ def test_cublas_grouped_loop_matches_reference(case):
                         offs_host=offs.clone())
     assert torch.equal(y2, y)
 
-    ta = Q.quantize_1x128_col_ref(rnd((P, 64), 52), offs)
-    tb = Q.quantize_1x128_col_ref(rnd((P, 160), 53), offs)
+    da, db = rnd((P, 64), 52), rnd((P, 160), 53)
+    ta, tb = Q.quantize_1x128_col_ref(da, offs), Q.quantize_1x128_col_ref(db, offs)
+    # the aligned group layout, read with the padded ends: no zero-padded copy is needed
+    po = GR.pad_offsets(offs, P, 16)
+    ta16, tb16 = Q.quantize_1x128_col_ref(da, offs, 16), Q.quantize_1x128_col_ref(db, offs, 16)
     for out_dtype in (F32, BF16):
         dw = CB.grouped_wgrad(*ta, *tb, offs, out_dtype, dense=strict_dense_wgrad)
         ref = G.grouped_gemm_fp8_wgrad_ref(*ta, *tb, offs, out_dtype)
         assert torch.equal(CB.grouped_wgrad(*ta, *tb, offs, out_dtype, dense=strict_dense_wgrad,
                                             offs_host=offs.clone()), dw)
+        with monkeypatch.context() as mp:
+            mp.setattr(CB, "_pad_cols", lambda *a: pytest.fail("padded copy in aligned layout"))
+            dw16 = CB.grouped_wgrad(*ta16, *tb16, po, out_dtype, dense=strict_dense_wgrad)
         # Same dequantized operands and float32 matmuls; the padded columns only add zeros, but
         # a matmul of another width may sum in another order: fp32 accumulation bound.
         a64, b64 = deq_rows(*ta, offs), deq_rows(*tb, offs)
@@ -460,6 +467,7 @@ def test_cublas_grouped_loop_matches_reference(case):
                               acc_bound(a64[:, start:end].abs() @ b64[:, start:end].abs().t(),
                                         max(end - start, 1)), out_dtype)
             assert_within(dw[g], ref[g].double(), 2 * bound)
+            assert_within(dw16[g], ref[g].double(), 2 * bound)
             start = end
 
 
@@ -676,6 +684,18 @@ def test_gpu_grouped_fprop_dgrad_wgrad(gemm_backend, sizes):
                 check_gpu(dw[g], a64[:, start:end], b64[:, start:end].t())
             else:
                 assert (dw[g] == 0).all()
+            start = end
+        # the aligned group layout (every group on 16 tokens), read with the padded ends
+        pa = GR.pad_offsets(offs, Pg, 16)
+        ta16 = Q.quantize_1x128_col_ref(dy, offs, 16)
+        tb16 = Q.quantize_1x128_col_ref(x, offs, 16)
+        dw16 = ops.grouped_gemm_fp8_wgrad(*cu(*ta16, *tb16, pa), out_dtype, pa.clone())
+        start = 0
+        for g, end in enumerate(offs.tolist()):
+            if end > start:
+                check_gpu(dw16[g], a64[:, start:end], b64[:, start:end].t())
+            else:
+                assert (dw16[g] == 0).all()
             start = end
 
 

@@ -31,9 +31,12 @@ against a stand-in that asserts them, and on the GPU against cuBLAS itself)
 - The contracted dim a multiple of 16 (wgrad: a group's token count), and slices starting on
   16-element boundaries. Groups that break this run on a zero-padded copy of their columns:
   zero tokens add nothing to the sum, and the group's scale tiles are unchanged because 16
-  divides the 128-token tile.
+  divides the 128-token tile. The compiled graph avoids those copies: it has the wgrad
+  operands written in the aligned group layout (kernels.groups), where every group starts on
+  16 tokens and spans a multiple of 16.
 - fprop/dgrad row counts a multiple of 4, and B's 128x128 scales a multiple of 4 blocks along
-  K: a group's last m % 4 rows run on a zero-padded copy; K not a multiple of 512 stays on
+  K: each group's call covers its rows rounded up to 4, running into the next group's rows,
+  which that group's later call overwrites (see grouped_fwd); K not a multiple of 512 stays on
   Triton. The output dims (N; for wgrad also the rows of A) multiples of 16, else Triton.
 
 Selection
