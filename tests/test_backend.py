@@ -250,3 +250,21 @@ def test_a_new_token_count_recompiles_dynamic_and_stays_right(moe_setup, inner):
         assert rel(yf, y32) < FP8_REL and rel(dxf, dx32) < FP8_REL
     s = ff.last_report().summary()
     assert s["casts_after"] >= 2 and s["saved_activation_bytes"] > 0
+
+
+def test_dynamic_token_count_saves_what_a_static_one_saves(moe_setup):
+    """With a symbolic token count the backward keeps the same tensors as with a static one:
+    nothing the rewrite inserts (the padded group ends of the wgrads, say) may keep a BF16
+    activation alive only to read its size."""
+    _, bf, x, _ = moe_setup
+
+    def saved(dynamic):
+        c = torch.compile(copy.deepcopy(bf), backend=ff.fp8flow, options={"inner": "eager"},
+                          dynamic=dynamic)
+        got = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: got.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+            c(x[:96].bfloat16().requires_grad_(True))
+        return sorted(got, key=str)
+
+    assert saved(True) == saved(False)

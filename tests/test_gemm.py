@@ -447,7 +447,7 @@ def test_cublas_grouped_loop_matches_reference(case, monkeypatch):
     da, db = rnd((P, 64), 52), rnd((P, 160), 53)
     ta, tb = Q.quantize_1x128_col_ref(da, offs), Q.quantize_1x128_col_ref(db, offs)
     # the aligned group layout, read with the padded ends: no zero-padded copy is needed
-    po = GR.pad_offsets(offs, P, 16)
+    po = GR.pad_offsets(offs, 16)
     ta16, tb16 = Q.quantize_1x128_col_ref(da, offs, 16), Q.quantize_1x128_col_ref(db, offs, 16)
     for out_dtype in (F32, BF16):
         dw = CB.grouped_wgrad(*ta, *tb, offs, out_dtype, dense=strict_dense_wgrad)
@@ -686,7 +686,7 @@ def test_gpu_grouped_fprop_dgrad_wgrad(gemm_backend, sizes):
                 assert (dw[g] == 0).all()
             start = end
         # the aligned group layout (every group on 16 tokens), read with the padded ends
-        pa = GR.pad_offsets(offs, Pg, 16)
+        pa = GR.pad_offsets(offs, 16)
         ta16 = Q.quantize_1x128_col_ref(dy, offs, 16)
         tb16 = Q.quantize_1x128_col_ref(x, offs, 16)
         dw16 = ops.grouped_gemm_fp8_wgrad(*cu(*ta16, *tb16, pa), out_dtype, pa.clone())

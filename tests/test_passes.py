@@ -168,7 +168,7 @@ def test_grouped_gemms_share_one_host_copy_of_offs(moe_joint, monkeypatch):
         assert oh in host and oh.args[0] is offs
         assert order.index(oh) < order.index(n)
         if not fwd:
-            assert offs.target is ops.pad_offsets.default and offs.args[2] == 16
+            assert offs.target is ops.pad_offsets.default and offs.args[1] == 16
 
 
 def test_host_offs_is_copied_once_per_step_and_saved_for_backward(monkeypatch):

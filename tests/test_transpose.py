@@ -179,7 +179,7 @@ def test_aligned_layout(offs):
     assert got[0].shape == (K, W) and got[1].shape == (K, max_tiles(W, len(offs)))
     plain = tr.scaling_aware_transpose_ref(q, s, o)
     starts, ends = tile_bounds(o, M)
-    pstarts, _ = tile_bounds(pad_offsets(o, M, 16), W)
+    pstarts, _ = tile_bounds(pad_offsets(o, 16), W)
     written = torch.zeros(W, dtype=torch.bool)
     for t, (a, b, pa) in enumerate(zip(starts.tolist(), ends.tolist(), pstarts.tolist())):
         if b > a:
@@ -188,6 +188,26 @@ def test_aligned_layout(offs):
             assert torch.equal(got[1][:, t], plain[1][:, t])
             written[pa:pa + b - a] = True
     assert (_bytes(got[0])[:, ~written] == 0).all()
+
+
+@pytest.mark.parametrize("offs", [[100, 50, 300], [5, 3, 9, 20], [300, 0, 300], [-4, 40, 500]])
+@pytest.mark.parametrize("align", [1, 16])
+def test_offsets_out_of_order_or_range(offs, align):
+    """Offsets that go down or past M: the kernel writes what the reference writes (which
+    cannot write outside its output), in both layouts."""
+    x = _rows_data(300, 256, seed=9)
+    q, s = quantize_1x128_ref(x)
+    o = torch.tensor(offs, dtype=torch.int32)
+    _assert_same(tr.scaling_aware_transpose_triton(q, s, o, align),
+                 tr.scaling_aware_transpose_ref(q, s, o, align))
+
+
+def test_no_rows():
+    q, s = quantize_1x128_ref(torch.randn(0, 256))
+    o = torch.tensor([0, 0], dtype=torch.int32)
+    for align in (1, 16):
+        _assert_same(tr.scaling_aware_transpose_triton(q, s, o, align),
+                     tr.scaling_aware_transpose_ref(q, s, o, align))
 
 
 # ---------------------------------------------------------------- against quantize_1x128_col

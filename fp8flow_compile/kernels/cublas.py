@@ -71,7 +71,8 @@ if _backend not in _BACKENDS:
 #: Elements per 16-byte access of E4M3 data: the alignment cuBLAS wants for a contracted dim.
 ALIGN = 16
 #: fprop/dgrad: cuBLAS takes row counts that are multiples of 4 (CUBLAS_STATUS_NOT_SUPPORTED
-#: for 1-3, 5-7, ... rows on the H100); the last m % 4 rows of a group go through a padded copy.
+#: for 1-3, 5-7, ... rows on the H100): a group's call covers its rows rounded up to this (see
+#: grouped_fwd); only where that would pass the last row do the last m % 4 rows take a padded copy.
 ROW_ALIGN = 4
 #: fprop/dgrad: cuBLAS wants the 128x128 scales of B with a multiple of 4 blocks along K
 #: ("scale_b must have shape 4 x 1" for K = 128), so K must be a multiple of 4 * 128.

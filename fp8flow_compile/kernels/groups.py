@@ -18,8 +18,10 @@ their token axis in an aligned layout (`align` > 1): group g starts at the runni
 earlier groups' sizes rounded up to `align`, the gap after each group and everything past the
 last group is zero bytes, and the width is `aligned_width(length, groups, align)`. That is
 exactly the plain layout of the input with zero rows inserted per group (`pad_groups`), whose
-group ends are `pad_offsets(offs, length, align)`: the consumer reads it with the padded ends.
-Zero rows change no scale (a tile's scale comes from its amax) and add nothing to a GEMM.
+group ends are `pad_offsets(offs, align)`: the consumer reads it with the padded ends. Zero rows
+change no scale (a tile's scale comes from its amax) and add nothing to a GEMM. offs is read as
+its running max (a group end below an earlier one makes an empty group), so the padded starts
+never go back and nothing lands past the width.
 """
 
 from __future__ import annotations
@@ -50,26 +52,36 @@ def aligned_width(length: int, num_groups: int, align: int) -> int:
     return cdiv(length + num_groups * (align - 1), align) * align
 
 
-def pad_offsets(offs: torch.Tensor, length: int, align: int) -> torch.Tensor:
-    """Group ends of the aligned layout: the running sum of the group sizes (bounds clamped to
-    [0, length] as the kernels clamp them) rounded up to `align`. int32, no host sync."""
-    ends = offs.to(torch.int64).clamp(0, length)
-    sizes = (ends - torch.cat([ends.new_zeros(1), ends[:-1]])).clamp(min=0)
+def _running_ends(offs: torch.Tensor) -> torch.Tensor:
+    """Group ends as the aligned layout reads them: made non-negative and non-decreasing (the
+    running max), so sizes never go negative and the padded starts never go back."""
+    return offs.to(torch.int64).clamp(min=0).cummax(0).values
+
+
+def pad_offsets(offs: torch.Tensor, align: int) -> torch.Tensor:
+    """Group ends of the aligned layout: the running sum of the group sizes (of the running-max
+    ends, see _running_ends) rounded up to `align`. int32, no host sync. Groups that run past
+    the width of the layout are cut there by its producers and consumers alike."""
+    ends = _running_ends(offs)
+    sizes = ends - torch.cat([ends.new_zeros(1), ends[:-1]])
     return torch.cumsum((sizes + align - 1) // align * align, 0).to(torch.int32)
 
 
 def pad_groups(x: torch.Tensor, offs: torch.Tensor, align: int, fill: float = 0.0
                ) -> torch.Tensor:
     """x [M, ...] laid out as the aligned layout along dim 0: group g's rows moved to its padded
-    start, `fill` everywhere else (the rows past offs[-1] are dropped). For references."""
+    start, `fill` everywhere else (rows past M read as `fill`, rows past offs[-1] are dropped,
+    everything past the width is cut). For references."""
     M = x.shape[0]
     width = aligned_width(M, offs.numel(), align)
     out = torch.full((width, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
-    ends = offs.to(torch.int64).clamp(0, M).tolist()
-    pends = pad_offsets(offs, M, align).tolist()
+    ends = _running_ends(offs).tolist()
+    pends = pad_offsets(offs, align).tolist()
     for start, end, pstart in zip([0] + ends[:-1], ends, [0] + pends[:-1]):
-        n = max(end - start, 0)
-        out[pstart:pstart + n] = x[start:start + n]
+        n = max(min(end, M) - start, 0)
+        n = min(n, width - pstart)
+        if n > 0:
+            out[pstart:pstart + n] = x[start:start + n]
     return out
 
 
@@ -136,34 +148,69 @@ def _group_bounds(offs_ptr, G, length, G_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _padded_table(offs_ptr, G, width, G_BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    # Per group g < G: input start and end (running-max ends, not clamped to the input: rows
+    # past it read as padding), padded output start and end (clamped to width); lane G: the
+    # tail [end of the last group's padding, width); lanes past it: empty.
+    gi = tl.arange(0, G_BLOCK)
+    ends = tl.associative_scan(tl.maximum(tl.load(offs_ptr + gi, mask=gi < G, other=0), 0), 0,
+                               _max2)
+    # the previous group's end: the running max of offs shifted by one lane
+    prev = tl.associative_scan(
+        tl.maximum(tl.load(offs_ptr + gi - 1, mask=(gi >= 1) & (gi < G), other=0), 0), 0, _max2)
+    size = tl.where(gi < G, ends - prev, 0)
+    psize = (size + ALIGN - 1) // ALIGN * ALIGN
+    pends = tl.cumsum(psize, 0)
+    pprev = pends - psize
+    pused = tl.max(tl.where(gi < G, pends, 0), 0)
+    pprev = tl.where(gi == G, pused, pprev)
+    pends = tl.where(gi == G, width, pends)
+    pprev = tl.minimum(pprev, width)
+    pends = tl.minimum(pends, width)
+    return gi, prev, ends, pprev, pends
+
+
+@triton.jit
 def group_slot_aligned(offs_ptr, G, length, width, t, TILE_: tl.constexpr,
                        G_BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    """Tile slot t of the aligned layout (module docstring) -> (group, first and end row of the
-    input, first and end slot of the output axis of `width`).
+    """Tile slot t of the grouped column-wise layout -> (group, first and end row of the input,
+    first and end slot of the output axis of `width`).
 
-    Output tiles restart at each group's padded start and cover its padded size; the input rows
-    of a tile are the same offset into the group, up to the group's real end (the rest of the
-    tile is padding). The rows past the last group follow as pseudo-group G up to `width`, which
-    reads nothing. Slots are numbered as `tile_bounds(pad_offsets(offs), width)` numbers them."""
-    gi, prev, ends = _group_bounds(offs_ptr, G, length, G_BLOCK)
-    size = tl.where(gi < G, tl.maximum(ends - prev, 0), 0)
-    pends = tl.cumsum((size + ALIGN - 1) // ALIGN * ALIGN, 0)
-    pused = tl.max(tl.where(gi < G, pends, 0), 0)
-    pends = tl.where(gi == G, width, pends)
-    pprev = tl.where(gi == G, pused, pends - (size + ALIGN - 1) // ALIGN * ALIGN)
-    ntiles = tl.where(gi <= G, (tl.maximum(pends - pprev, 0) + TILE_ - 1) // TILE_, 0)
-    cum = tl.cumsum(ntiles, 0)
-    g = tl.sum((cum <= t).to(tl.int32), 0)
-    sel = gi == g
-    base = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
-    ofirst = tl.sum(tl.where(sel, pprev, 0), 0) + (t - base) * TILE_
-    oend = tl.minimum(ofirst + TILE_, tl.sum(tl.where(sel, pends, 0), 0))
-    first = tl.sum(tl.where(sel, prev, 0), 0) + (ofirst - tl.sum(tl.where(sel, pprev, 0), 0))
-    end = tl.sum(tl.where(sel, ends, 0), 0)
-    valid = tl.sum(tl.where(sel, ntiles, 0), 0) > 0
-    live = valid & (g < G)
-    return (g, tl.where(live, first, 0), tl.where(live, tl.minimum(end, first + TILE_), 0),
-            tl.where(valid, ofirst, 0), tl.where(valid, oend, 0))
+    ALIGN == 1: the plain layout, exactly `group_slot` (output range = input range, width =
+    length). ALIGN > 1: the aligned layout (module docstring): output tiles restart at each
+    group's padded start and cover its padded size, clamped to `width`; the input rows of a
+    tile are the same offset into the group, up to the group's end and `length` (the rest of
+    the tile is padding). The rows past the last group follow as pseudo-group G up to `width`,
+    which reads nothing. Slots are numbered as `tile_bounds(pad_offsets(offs), width)` numbers
+    them."""
+    if ALIGN == 1:
+        g, first, end = group_slot(offs_ptr, G, length, t, TILE_, G_BLOCK, True)
+        ofirst = first
+        oend = end
+    else:
+        gi, prev, ends, pprev, pends = _padded_table(offs_ptr, G, width, G_BLOCK, ALIGN)
+        ntiles = tl.where(gi <= G, (tl.maximum(pends - pprev, 0) + TILE_ - 1) // TILE_, 0)
+        cum = tl.cumsum(ntiles, 0)
+        g = tl.sum((cum <= t).to(tl.int32), 0)
+        sel = gi == g
+        base = tl.sum(tl.where(sel, cum - ntiles, 0), 0)
+        pstart = tl.sum(tl.where(sel, pprev, 0), 0)
+        ofirst = pstart + (t - base) * TILE_
+        oend = tl.minimum(ofirst + TILE_, tl.sum(tl.where(sel, pends, 0), 0))
+        first = tl.sum(tl.where(sel, prev, 0), 0) + (ofirst - pstart)
+        end = tl.minimum(tl.minimum(tl.sum(tl.where(sel, ends, 0), 0), first + TILE_), length)
+        valid = tl.sum(tl.where(sel, ntiles, 0), 0) > 0
+        live = valid & (g < G)
+        first = tl.where(live, first, 0)
+        end = tl.where(live, end, 0)
+        ofirst = tl.where(valid, ofirst, 0)
+        oend = tl.where(valid, oend, 0)
+    return g, first, end, ofirst, oend
 
 
 @triton.jit
@@ -201,30 +248,29 @@ def group_span(offs_ptr, G, length, g, TILE_: tl.constexpr, G_BLOCK: tl.constexp
 # ---------------------------------------------------------------- pad_offsets as an op
 
 @triton.jit
-def _pad_offsets_kernel(offs_ptr, out_ptr, G, length, ALIGN: tl.constexpr,
-                        G_BLOCK: tl.constexpr):
-    gi, prev, ends = _group_bounds(offs_ptr, G, length, G_BLOCK)
-    size = tl.where(gi < G, tl.maximum(ends - prev, 0), 0)
-    tl.store(out_ptr + gi, tl.cumsum((size + ALIGN - 1) // ALIGN * ALIGN, 0), mask=gi < G)
+def _pad_offsets_kernel(offs_ptr, out_ptr, G, ALIGN: tl.constexpr, G_BLOCK: tl.constexpr):
+    # width = 2**31 - 1: nothing is clamped here (the producers and consumers clamp).
+    gi, prev, ends, pprev, pends = _padded_table(offs_ptr, G, 2147483647, G_BLOCK, ALIGN)
+    tl.store(out_ptr + gi, pends, mask=gi < G)
 
 
 @torch.library.custom_op("fp8flow::pad_offsets", mutates_args=())
-def pad_offsets_op(offs: torch.Tensor, length: int, align: int) -> torch.Tensor:
+def pad_offsets_op(offs: torch.Tensor, align: int) -> torch.Tensor:
     """`pad_offsets` as an op for the compiled graph: the group ends of the aligned layout that
     `quantize_1x128_col(.., align)` and `scaling_aware_transpose(.., align)` write, for the
-    GEMM that reads it. One small kernel on CUDA (the torch form is ten launches)."""
+    GEMM that reads it. One small kernel on CUDA (the torch form is several launches)."""
     require(offs.dim() == 1 and offs.numel() >= 1, "pad_offsets",
             "offs must be a non-empty 1-D tensor")
     require_dtype(offs, (torch.int32,), "pad_offsets", "offs")
     require(align >= 1, "pad_offsets", f"align must be >= 1, got {align}")
     if not offs.is_cuda:
-        return pad_offsets(offs, length, align)
+        return pad_offsets(offs, align)
     out = torch.empty_like(offs)
-    _pad_offsets_kernel[(1,)](offs, out, offs.numel(), length, ALIGN=align,
+    _pad_offsets_kernel[(1,)](offs, out, offs.numel(), ALIGN=align,
                               G_BLOCK=group_block(offs.numel()))
     return out
 
 
 @pad_offsets_op.register_fake
-def _(offs, length, align):
+def _(offs, align):
     return torch.empty_like(offs)

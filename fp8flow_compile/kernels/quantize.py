@@ -73,7 +73,7 @@ def quantize_1x128_col_ref(x: torch.Tensor, offs: torch.Tensor | None = None, al
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     if offs is not None and align > 1:
         return quantize_1x128_ref(pad_groups(x, offs, align).t(),
-                                  pad_offsets(offs, x.shape[0], align))
+                                  pad_offsets(offs, align))
     return quantize_1x128_ref(x.t(), offs)
 
 
@@ -392,7 +392,7 @@ def quantize_1x128_col(x: torch.Tensor, offs: torch.Tensor | None = None, align:
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Column-wise 1x128 quantization of x [M, K]: returns (qT [K, W], sT [K, T]), tiles along M
     restarting at each group of `offs`. W = M, or with align > 1 the aligned group layout of
-    kernels.groups (read it with `pad_offsets(offs, M, align)` as its group ends)."""
+    kernels.groups (read it with `pad_offsets(offs, align)` as its group ends)."""
     _check_high(x, "quantize_1x128_col")
     _check_offs(offs, x.shape[0], "quantize_1x128_col")
     check_align(align, offs, "quantize_1x128_col")

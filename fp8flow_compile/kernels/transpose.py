@@ -75,7 +75,7 @@ def scaling_aware_transpose_ref(q: torch.Tensor, s: torch.Tensor,
         M = q.shape[0]
         qp = pad_groups(q.view(torch.uint8), offs, align).view(FP8)
         return scaling_aware_transpose_ref(qp, pad_groups(s, offs, align, fill=1.0),
-                                           pad_offsets(offs, M, align))
+                                           pad_offsets(offs, align))
     M, K = q.shape
     KB = K // TILE
     starts, ends = tile_bounds(offs, M, device=q.device)
@@ -258,7 +258,7 @@ def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
     # Every (slot, block) program writes its 128 scale entries, empty slots included.
     sT = torch.empty(K, T, dtype=torch.float32, device=q.device)
     og, G, grouped, gb = _groups(offs, q.device)
-    words = words and PM % 4 == 0
+    words = words and PM % 4 == 0 and PM > 0  # an int32 view of [K, 0] bytes fails
     # H100, DeepSeek-V3 [P, 7168]: words 4 warps 0.76 ms, 8 warps 1.02; bytes 8 warps 1.01,
     # 4 warps 2.05.
     num_warps = num_warps or (4 if words else 8)
@@ -296,7 +296,7 @@ def scaling_aware_transpose(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor
     """Row-wise 1x128 FP8 (q [M, K], s [M, K/128]) -> column-wise 1x128 FP8 (qT [K, W],
     sT [K, T]) as quantize_1x128_col lays it out, tiles along M restarting at groups of `offs`.
     W = M, or with align > 1 the aligned group layout of kernels.groups (read it with
-    `pad_offsets(offs, M, align)` as its group ends)."""
+    `pad_offsets(offs, align)` as its group ends)."""
     _check(q, s, offs, align)
     fn = scaling_aware_transpose_triton if use_triton(q) else scaling_aware_transpose_ref
     return fn(q, s, offs, align)

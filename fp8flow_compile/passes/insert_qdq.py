@@ -18,7 +18,7 @@ grouped GEMM.
 A grouped wgrad whose two operands are both quantized column-wise gets them in the aligned group
 layout (`align` = the recipe's group_align, 16; kernels/groups.py): each expert group starts on a
 16-token boundary, with zero tokens between groups, and the wgrad reads them with
-`pad_offsets(offs, tokens, 16)` as its group ends. Zero tokens add nothing and change no scale, so
+`pad_offsets(offs, 16)` as its group ends. Zero tokens add nothing and change no scale, so
 the result is the same; cuBLAS can then take every group's columns as they are.
 """
 
@@ -70,24 +70,13 @@ def quant_rows_of_t(gm, x: fx.Node, offs=None, align: int = 1):
     return quantize(gm, ops.quantize_1x128.default, contiguous(gm, src), offs, "act")
 
 
-def padded_offsets(gm: fx.GraphModule, offs: fx.Node, x: fx.Node, align: int, cache: dict
-                   ) -> fx.Node:
-    """`pad_offsets(offs, tokens, align)` for the groups of offs along dim 0 of x (the tokens),
-    one per offs and align. With a static token count it goes right after offs is made (so the
-    forward makes it, and its host copy, once per step); a symbolic count is read from x by a
-    `sym_size` node, so the op goes where the GEMM is."""
-    key = (offs, align)
-    if key not in cache:
-        length = val(x).shape[0]
-        if isinstance(length, torch.SymInt):
-            length = call(gm, aten.sym_size.int, (x, 0))
-            cache[key] = call(gm, ops.pad_offsets.default, (offs, length, align),
-                              name="offs_pad")
-        else:
-            with _after(gm, offs):
-                cache[key] = call(gm, ops.pad_offsets.default, (offs, int(length), align),
-                                  name="offs_pad")
-    return cache[key]
+def padded_offsets(gm: fx.GraphModule, offs: fx.Node, align: int, cache: dict) -> fx.Node:
+    """`pad_offsets(offs, align)`, one per offs and align, right after offs is made: the forward
+    makes it (and its host copy) once per step, unless the partitioner recomputes it."""
+    if (offs, align) not in cache:
+        with _after(gm, offs):
+            cache[offs, align] = call(gm, ops.pad_offsets.default, (offs, align), name="offs_pad")
+    return cache[offs, align]
 
 
 def _after(gm: fx.GraphModule, n: fx.Node):
@@ -158,8 +147,8 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 aq, as_ = quant_rows(gm, g.a, g.offs, align)
                 bq, bs = quant_rows_of_t(gm, g.b, g.offs, align)
                 offs = g.offs
-                if align > 1:  # the quantized tensor [tokens, K] is the quantize's input
-                    offs = padded_offsets(gm, g.offs, bq.args[0].args[0], align, pads)
+                if align > 1:
+                    offs = padded_offsets(gm, g.offs, align, pads)
                 oh = (host_offsets(gm, offs, host)
                       if _may_loop_on_host("grouped_wgrad", aq, bq, offs) else None)
                 new = call(gm, ops.grouped_gemm_fp8_wgrad.default,
