@@ -675,27 +675,20 @@ def test_gpu_grouped_fprop_dgrad_wgrad(gemm_backend, sizes):
 
     ta, tb = Q.quantize_1x128_col_ref(dy, offs), Q.quantize_1x128_col_ref(x, offs)
     a64, b64 = deq_rows(*ta, offs), deq_rows(*tb, offs)
+    # the aligned group layout (every group on 16 tokens), read with the padded ends
+    pa = GR.pad_offsets(offs, 16)
+    ta16, tb16 = Q.quantize_1x128_col_ref(dy, offs, 16), Q.quantize_1x128_col_ref(x, offs, 16)
     for out_dtype in (F32, BF16):
         dw = ops.grouped_gemm_fp8_wgrad(*cu(*ta, *tb, offs), out_dtype)
         assert torch.equal(ops.grouped_gemm_fp8_wgrad(*cu(*ta, *tb, offs), out_dtype, oh), dw)
-        start = 0
-        for g, end in enumerate(offs.tolist()):
-            if end > start:
-                check_gpu(dw[g], a64[:, start:end], b64[:, start:end].t())
-            else:
-                assert (dw[g] == 0).all()
-            start = end
-        # the aligned group layout (every group on 16 tokens), read with the padded ends
-        pa = GR.pad_offsets(offs, 16)
-        ta16 = Q.quantize_1x128_col_ref(dy, offs, 16)
-        tb16 = Q.quantize_1x128_col_ref(x, offs, 16)
         dw16 = ops.grouped_gemm_fp8_wgrad(*cu(*ta16, *tb16, pa), out_dtype, pa.clone())
         start = 0
         for g, end in enumerate(offs.tolist()):
-            if end > start:
-                check_gpu(dw16[g], a64[:, start:end], b64[:, start:end].t())
-            else:
-                assert (dw16[g] == 0).all()
+            for out in (dw, dw16):
+                if end > start:
+                    check_gpu(out[g], a64[:, start:end], b64[:, start:end].t())
+                else:
+                    assert (out[g] == 0).all()
             start = end
 
 

@@ -127,6 +127,25 @@ def tile_range(offs_ptr, G, t, C, TILE_: tl.constexpr, GROUPED: tl.constexpr,
 
 
 @triton.jit
+def tile_ranges(offs_ptr, G, t, M, PM, TILE_: tl.constexpr, GROUPED: tl.constexpr,
+                G_BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """tile_range for the column-wise producers: (input rows [start, end), output slots
+    [ostart, oend) of the axis of PM, live). The output range is the input range, or with
+    ALIGN > 1 its place in the aligned group layout (groups.group_slot_aligned)."""
+    if GROUPED:
+        g, start, end, ostart, oend = group_slot_aligned(offs_ptr, G, M, PM, t, TILE_, G_BLOCK,
+                                                         ALIGN)
+        live = g < G
+    else:
+        start = t * TILE_
+        end = tl.minimum(start + TILE_, M)
+        live = start < end
+        ostart = start
+        oend = end
+    return start, end, ostart, oend, live
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, offs_ptr, G, R, C, T,
                           BLOCK_R: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr,
                           G_BLOCK: tl.constexpr):
@@ -151,16 +170,8 @@ def _quantize_cols_kernel(x_ptr, qt_ptr, st_ptr, offs_ptr, G, M, PM, K, T,
     # padding gets zero bytes) and sT [K, T].
     t = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if GROUPED:
-        g, start, end, ostart, oend = group_slot_aligned(offs_ptr, G, M, PM, t, TILE_, G_BLOCK,
-                                                         ALIGN)
-        live = g < G
-    else:
-        start = t * TILE_
-        end = tl.minimum(start + TILE_, M)
-        live = start < end
-        ostart = start
-        oend = end
+    start, end, ostart, oend, live = tile_ranges(offs_ptr, G, t, M, PM, TILE_, GROUPED,
+                                                 G_BLOCK, ALIGN)
     rows = start + tl.arange(0, TILE_)
     ocols = ostart + tl.arange(0, TILE_)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

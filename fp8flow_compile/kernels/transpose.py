@@ -52,13 +52,12 @@ from .common import FP8, use_triton
 from .fp8_math import HW_CAST
 from .groups import (
     aligned_width,
-    group_slot_aligned,
     max_tiles,
     pad_groups,
     pad_offsets,
     tile_bounds,
 )
-from .quantize import _groups, check_align
+from .quantize import _groups, check_align, tile_ranges
 
 _OP = "scaling_aware_transpose"
 
@@ -218,16 +217,8 @@ def _transpose_kernel(q_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, offs_ptr, G, M, PM
     # WORDS (PM a multiple of 4): tiles on 4-column boundaries store int32 words, else bytes.
     t = tl.program_id(0)
     kb = tl.program_id(1)
-    if GROUPED:
-        g, start, end, ostart, oend = group_slot_aligned(offs_ptr, G, M, PM, t, TILE_, G_BLOCK,
-                                                         ALIGN)
-        live = g < G
-    else:
-        start = t * TILE_
-        end = tl.minimum(start + TILE_, M)
-        live = start < end
-        ostart = start
-        oend = end
+    start, end, ostart, oend, live = tile_ranges(offs_ptr, G, t, M, PM, TILE_, GROUPED,
+                                                 G_BLOCK, ALIGN)
     cols = kb * TILE_ + tl.arange(0, TILE_)
     if WORDS:
         if (ostart % 4 == 0) & (oend % 4 == 0):
