@@ -7,6 +7,8 @@ Two kinds of bound:
   top of that.
 """
 
+import ctypes
+
 import pytest
 import torch
 import triton
@@ -14,6 +16,7 @@ import triton.language as tl
 
 from fp8flow_compile import Fp8Unsupported
 from fp8flow_compile.kernels import cublas as CB
+from fp8flow_compile.kernels import cublaslt as LT
 from fp8flow_compile.kernels import gemm as G
 from fp8flow_compile.kernels import groups as GR
 from fp8flow_compile.kernels import quantize as Q
@@ -471,6 +474,63 @@ def test_cublas_grouped_loop_matches_reference(case, monkeypatch):
             start = end
 
 
+def _floats_at(addr: int, count: int) -> torch.Tensor:
+    """A copy of `count` float32 values at a host address (CPU tensors' data)."""
+    return torch.frombuffer(bytearray((ctypes.c_float * count).from_address(addr)),
+                            dtype=torch.float32)
+
+
+class RawCaller(LT.Caller):
+    """Stands in for the direct cuBLASLt loop on the CPU: rebuilds each call's operands from
+    the raw offsets and scale addresses it is given (what cuBLASLt would read) and runs the
+    strict stand-ins on them, so the address arithmetic of the direct loops is checked."""
+
+    def __init__(self, kind):  # no handle, stream or device
+        self.kind, self.raw_calls = kind, 0
+
+    def __call__(self, *args):
+        (strict_dense_fwd if self.kind == "fwd" else strict_dense_wgrad)(*args)
+
+    def many(self, a, b, out, calls):
+        for oa, m, ob, n, k, oo, pas, pbs in calls:
+            view = lambda t, r, off: torch.as_strided(t, (r, k if t is not out else n),
+                                                      (t.stride(0), 1), t.storage_offset() + off)
+            A, B, O = view(a, m, oa), view(b, n, ob), view(out, m, oo)
+            kt = -(-k // TILE)
+            sa = _floats_at(pas, m * kt).view(kt, m).t()  # packed column-major [m, k / 128]
+            if self.kind == "fwd":  # b's 128x128 grid, rows contiguous
+                sb = _floats_at(pbs, -(-n // TILE) * kt).view(-1, kt)
+            else:
+                sb = _floats_at(pbs, n * kt).view(kt, n).t()
+            self(A, sa, B, sb, O)
+            self.raw_calls += 1
+
+
+@pytest.mark.parametrize("case", CUBLAS_OFFS)
+def test_cublas_direct_loop_addresses_match_the_tensor_loop(case):
+    offs = torch.tensor(CUBLAS_OFFS[case], dtype=torch.int32)
+    E = offs.numel()
+    aq, as_ = Q.quantize_1x128_ref(rnd((P, 512), 54))
+    bq, bs = Q.quantize_128x128_ref(rnd((E, 96, 512), 55, "normal"))
+    raw = RawCaller("fwd")
+    y = CB.grouped_fwd(aq, as_, bq, bs, offs, BF16, dense=raw)
+    assert torch.equal(y, CB.grouped_fwd(aq, as_, bq, bs, offs, BF16, dense=strict_dense_fwd))
+    assert raw.raw_calls > 0 or offs.max() <= 0
+    da, db = rnd((P, 64), 56), rnd((P, 160), 57)
+    po = GR.pad_offsets(offs, 16)
+    for lay, o in [((Q.quantize_1x128_col_ref(da, offs), Q.quantize_1x128_col_ref(db, offs)), offs),
+                   ((Q.quantize_1x128_col_ref(da, offs, 16),
+                     Q.quantize_1x128_col_ref(db, offs, 16)), po)]:
+        (ta, tb) = lay
+        for out_dtype in (F32, BF16):
+            raw = RawCaller("wgrad")
+            dw = CB.grouped_wgrad(*ta, *tb, o, out_dtype, dense=raw)
+            ref = CB.grouped_wgrad(*ta, *tb, o, out_dtype, dense=strict_dense_wgrad)
+            assert torch.equal(dw, ref)
+            if o is po:  # the aligned layout: every non-empty group on raw offsets
+                assert raw.raw_calls == int(((po.diff(prepend=po.new_zeros(1))) > 0).sum())
+
+
 @pytest.mark.parametrize("offs", [[5, 3, 9, 20], [0, 0, 0], [16, 48, 250],
                                   [1, 6, 22, 38, 38, 166, 294], [300], [3, 297, 299]])
 def test_pack_scales_kernel_matches_gather(offs):
@@ -624,13 +684,16 @@ def _gpu_offs(P_, E):
     return ends.to(torch.int32)
 
 
-@pytest.fixture(params=["triton", "cublas"])
+@pytest.fixture(params=["triton", "cublas", "cublas_via_torch"])
 def gemm_backend(request):
-    """Run a GPU test with the GEMMs forced through one implementation."""
-    before = CB.gemm_backend()
-    CB.set_gemm_backend(request.param)
-    yield request.param
+    """Run a GPU test with the GEMMs forced through one implementation: the Triton kernels,
+    the cuBLAS loop calling cuBLASLt directly (the default), or the loop calling torch."""
+    before, lt_before = CB.gemm_backend(), LT.enabled()
+    CB.set_gemm_backend("triton" if request.param == "triton" else "cublas")
+    LT.set_enabled(request.param != "cublas_via_torch")
+    yield "cublas" if request.param == "cublas_via_torch" else request.param
     CB.set_gemm_backend(before)
+    LT.set_enabled(lt_before)
 
 
 @pytest.mark.gpu
@@ -651,6 +714,8 @@ def test_gpu_grouped_fprop_dgrad_wgrad(gemm_backend, sizes):
     if gemm_backend == "cublas":  # the probes pass, so the ops below do run through cuBLAS
         for kind, dt in [("fwd", BF16), ("wgrad", BF16), ("wgrad", F32)]:
             assert CB.choose(aq.cuda(), kind, dt, (N, K)), CB._probe(0, kind, dt)
+            if LT.enabled():  # and the loop calls cuBLASLt directly
+                assert LT.probe(0, kind, dt) is None, LT.probe(0, kind, dt)
     y = ops.grouped_gemm_fp8(*cu(aq, as_, bq, bs, offs), True, BF16)
     dx = ops.grouped_gemm_fp8(*cu(dq, ds, bq, bs, offs), False, BF16)
     # dgrad as the backend runs it: the transposed weight copy, B K-major (cuBLAS takes this one)
@@ -690,6 +755,52 @@ def test_gpu_grouped_fprop_dgrad_wgrad(gemm_backend, sizes):
                 else:
                     assert (out[g] == 0).all()
             start = end
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [BF16, F32])
+def test_gpu_cublaslt_direct_call_matches_the_torch_call(out_dtype):
+    """The loop's two dense calls on the same groups: straight into cuBLASLt (algorithm kept
+    per power-of-two class of the varying dim) and through torch (searched per call)."""
+    if not LT.enabled():
+        pytest.skip("FP8FLOW_CUBLASLT=0")
+    # group sizes: 1..3 rows (the padded tail path), 2048 (a power of two: the same search as
+    # torch's), 4 + 16 + 36, and an empty group
+    offs = torch.tensor([2, 2050, 2054, 2070, 2106, 2106, 3000], dtype=torch.int32)
+    P_, K, N, E = 3100, 1024, 512, offs.numel()
+    x, dy = rnd((P_, K), 50), rnd((P_, N), 51)
+    w = rnd((E, N, K), 52, "normal") * 0.03
+    aq, as_ = (t.cuda() for t in Q.quantize_1x128_ref(x))
+    bq, bs = (t.cuda() for t in Q.quantize_128x128_ref(w))
+    oc = offs.cuda()
+    if out_dtype == BF16:
+        assert LT.probe(0, "fwd", out_dtype) is None, LT.probe(0, "fwd", out_dtype)
+        direct = CB.grouped_fwd(aq, as_, bq, bs, oc, out_dtype)
+        torch_ = CB.grouped_fwd(aq, as_, bq, bs, oc, out_dtype, dense=CB.dense_fwd)
+        assert torch.equal(direct[2:2050], torch_[2:2050])
+        xq, wq = deq_rows(aq.cpu(), as_.cpu()), deq_w(bq.cpu(), bs.cpu())
+        start = 0
+        for g, end in enumerate(offs.tolist()):
+            if end > start:
+                check_gpu(direct[start:end], xq[start:end], wq[g].t())
+            start = end
+        assert (direct[start:] == 0).all()
+    # wgrad from the aligned group layout (the compiled graph's), tokens contracted
+    pa = GR.pad_offsets(offs, 16)
+    ta = [t.cuda() for t in Q.quantize_1x128_col_ref(dy, offs, 16)]
+    tb = [t.cuda() for t in Q.quantize_1x128_col_ref(x, offs, 16)]
+    assert LT.probe(0, "wgrad", out_dtype) is None, LT.probe(0, "wgrad", out_dtype)
+    dw = CB.grouped_wgrad(*ta, *tb, pa.cuda(), out_dtype)
+    dw_t = CB.grouped_wgrad(*ta, *tb, pa.cuda(), out_dtype, dense=CB.dense_wgrad)
+    assert torch.equal(dw[1], dw_t[1])  # 2048 tokens: the same search as torch's
+    a64, b64 = deq_rows(ta[0].cpu(), ta[1].cpu(), pa), deq_rows(tb[0].cpu(), tb[1].cpu(), pa)
+    start = 0
+    for g, end in enumerate(pa.tolist()):
+        if end > start:
+            check_gpu(dw[g], a64[:, start:end], b64[:, start:end].t())
+        else:
+            assert (dw[g] == 0).all()
+        start = end
 
 
 @pytest.mark.gpu

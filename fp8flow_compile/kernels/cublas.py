@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from ..recipe import TILE
+from . import cublaslt
 from .groups import cdiv
 
 log = logging.getLogger("fp8flow_compile")
@@ -133,6 +134,23 @@ def dense_wgrad(a_q: torch.Tensor, a_s_cm: torch.Tensor, b_q: torch.Tensor,
                                      None, out.dtype, out=out)
 
 
+def _dense(kind: str, device: torch.device, out_dtype: torch.dtype) -> Callable:
+    """The dense call for the loop: straight into cuBLASLt (cublaslt.py, less host time per
+    call) where enabled and its probe passes on the device, else through torch."""
+    if device.type == "cuda" and cublaslt.enabled():
+        why = cublaslt.probe(device.index or 0, kind, out_dtype)
+        if why is None:
+            return cublaslt.Caller(device, kind, out_dtype)
+        _warn_lt_once(kind, out_dtype, why)
+    return dense_fwd if kind == "fwd" else dense_wgrad
+
+
+@functools.cache
+def _warn_lt_once(kind, out_dtype, why):
+    log.warning("fp8flow: %s GEMMs (%s output) call cuBLAS through torch: %s", kind, out_dtype,
+                why)
+
+
 # ---------------------------------------------------------------- grouped: one call per group
 
 def host_copy(offs: torch.Tensor) -> torch.Tensor:
@@ -198,8 +216,9 @@ def _fwd_rows(a, s_cm, b_q, b_s, out, dense):
     out[head:] = tmp[:m - head]
 
 
-def gemm_fwd(a_q, a_s, b_q, b_s, out_dtype, dense: Callable = dense_fwd):
+def gemm_fwd(a_q, a_s, b_q, b_s, out_dtype, dense: Callable | None = None):
     """a [M, K] (1x128) @ b [N, K]^T (128x128 blocks)."""
+    dense = dense or _dense("fwd", a_q.device, out_dtype)
     out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
     if a_q.shape[0] == 0 or a_q.shape[1] == 0:
         return out.zero_()
@@ -207,8 +226,9 @@ def gemm_fwd(a_q, a_s, b_q, b_s, out_dtype, dense: Callable = dense_fwd):
     return out
 
 
-def gemm_wgrad(a_q, a_s, b_q, b_s, out_dtype, dense: Callable = dense_wgrad):
+def gemm_wgrad(a_q, a_s, b_q, b_s, out_dtype, dense: Callable | None = None):
     """a [N, P] @ b [K, P]^T, 1x128 scales along P (a multiple of ALIGN)."""
+    dense = dense or _dense("wgrad", a_q.device, out_dtype)
     out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
     if a_q.shape[1] == 0:
         return out.zero_()
@@ -224,6 +244,18 @@ def _pack_group_scales(a_s: torch.Tensor, offs: torch.Tensor, bounds: list[tuple
     group's size rounded up to ROW_ALIGN, so a group's last rows may be the next group's (rows
     past M read scale 1). The group table is rebuilt on the device from offs, as _host_bounds
     builds it."""
+    KB = a_s.shape[1]
+    buf = _pack_scales_buffer(a_s, offs, rows)
+    # group g occupies [pstart*KB, (pstart + r)*KB) of the buffer as a row-major [KB, r] block
+    out, pstart = [], 0
+    for r in rows:
+        out.append(buf.as_strided((r, KB), (1, r), pstart * KB))
+        pstart += r
+    return out
+
+
+def _pack_scales_buffer(a_s: torch.Tensor, offs: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The buffer behind _pack_group_scales: the groups' packed blocks one after another."""
     M, KB = a_s.shape
     total = sum(rows)
     buf = a_s.new_empty(max(total, 1) * KB)
@@ -237,12 +269,7 @@ def _pack_group_scales(a_s: torch.Tensor, offs: torch.Tensor, bounds: list[tuple
             src, dest = _pack_index(offs, M, KB, total)
             vals = torch.cat([a_s, a_s.new_ones(1, KB)])[src]  # row M: scale 1
             buf[dest] = vals.reshape(-1)
-    # group g occupies [pstart*KB, (pstart + r)*KB) of the buffer as a row-major [KB, r] block
-    out, pstart = [], 0
-    for r in rows:
-        out.append(buf.as_strided((r, KB), (1, r), pstart * KB))
-        pstart += r
-    return out
+    return buf
 
 
 def _pack_index(offs: torch.Tensor, M: int, KB: int, total: int
@@ -297,7 +324,7 @@ def _pack_scales_kernel(s_ptr, offs_ptr, buf_ptr, G, M, KB, total, ROW_ALIGN_: t
     tl.store(buf_ptr + dest, v, mask=m)
 
 
-def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd,
+def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable | None = None,
                 offs_host: torch.Tensor | None = None):
     """Rows of group g times b[g] (b [E, N, K], 128x128 blocks); rows past offs[-1] get 0.
 
@@ -315,6 +342,11 @@ def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd
         return out.zero_()
     sizes = [e - s for s, e in bounds]
     rows = [cdiv(m, ROW_ALIGN) * ROW_ALIGN for m in sizes]
+    dense = dense or _dense("fwd", a_q.device, out_dtype)
+    if isinstance(dense, cublaslt.Caller) and b_q.is_contiguous():
+        _grouped_fwd_direct(dense, a_q, a_s, b_q, b_s, offs, bounds, rows, out)
+        out[used:].zero_()
+        return out
     scales = _pack_group_scales(a_s, offs, bounds, rows)
     for g, ((s, e), r, b, bs) in enumerate(zip(bounds, rows, b_q.unbind(0), b_s.unbind(0))):
         if e == s:
@@ -327,7 +359,32 @@ def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_fwd
     return out
 
 
-def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_wgrad,
+def _grouped_fwd_direct(dense, a_q, a_s, b_q, b_s, offs, bounds, rows, out):
+    """grouped_fwd's loop on raw offsets into a_q, b_q, out and the packed scales (no tensor
+    views per group), through cuBLASLt directly. The groups whose rounded rows would pass M
+    take the padded path after the others, as in grouped_fwd."""
+    M, K = a_q.shape
+    KB = a_s.shape[1]
+    N = b_q.shape[1]
+    buf = _pack_scales_buffer(a_s, offs, rows)
+    pbuf, pbs = buf.data_ptr(), b_s.data_ptr()
+    bs_step = b_s.stride(0) * b_s.element_size()
+    calls, tails, pstart = [], [], 0
+    for g, ((s, e), r) in enumerate(zip(bounds, rows)):
+        if e > s:
+            if s + r <= M:
+                calls.append((s * a_q.stride(0), r, g * b_q.stride(0), N, K, s * N,
+                              pbuf + pstart * KB * buf.element_size(), pbs + g * bs_step))
+            else:
+                tails.append((g, s, e, pstart, r))
+        pstart += r
+    dense.many(a_q, b_q.view(-1, K), out, calls)
+    for g, s, e, pstart, r in tails:
+        scales = buf.as_strided((r, KB), (1, r), pstart * KB)
+        _fwd_rows(a_q[s:e], scales[:e - s], b_q[g], b_s[g], out[s:e], dense)
+
+
+def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable | None = None,
                   offs_host: torch.Tensor | None = None):
     """dW[g] = a[:, group g] @ b[:, group g]^T from the column-wise forms (token tiles restart
     at each group start, see kernels.groups); empty groups give zeros."""
@@ -345,11 +402,20 @@ def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable = dense_w
     a_g = a_q[:, :used].split(sizes, dim=1)
     b_g = b_q[:, :used].split(sizes, dim=1)
     o_g = out.unbind(0)
+    dense = dense or _dense("wgrad", a_q.device, out_dtype)
+    direct = isinstance(dense, cublaslt.Caller)
+    calls = []
     for g, (start, n) in enumerate(zip((s for s, _ in bounds), sizes)):
-        if n:
-            _wgrad_group(a_g[g], sa[g], b_g[g], sb[g], o_g[g], start, dense)
-        else:  # a memset per empty group: indexing `out` with a host list would copy (and sync)
+        if not n:  # a memset per empty group: indexing `out` with a host list would copy (and sync)
             o_g[g].zero_()
+        elif direct and not (start % ALIGN or n % ALIGN):
+            # raw offsets: a's and b's columns from start, out[g]; each operand's scales are
+            # the [tiles, rows] block at its first tile in the transposed copy (rows-major)
+            calls.append((start, N, start, K, n, g * N * K, sa[g].data_ptr(), sb[g].data_ptr()))
+        else:
+            _wgrad_group(a_g[g], sa[g], b_g[g], sb[g], o_g[g], start, dense)
+    if calls:
+        dense.many(a_q, b_q, out.view(-1, K), calls)
     return out
 
 

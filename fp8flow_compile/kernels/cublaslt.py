@@ -1,0 +1,353 @@
+"""Blockwise FP8 GEMMs called straight into cuBLASLt (through ctypes), for the per-group loop.
+
+cublas.py runs a grouped GEMM as one dense cuBLAS call per expert group, so the host cost of one
+call is paid 32 times per grouped GEMM (DeepSeek-V3 shard), 192 times per MoE layer step. Through
+torch (`aten._scaled_mm_v2`) a call costs about 42 us of host time on the H100's host (torch
+2.11, cuBLAS 13.1), of which about 19 us is the algorithm search (`cublasLtMatmulAlgoGetHeuristic`)
+that torch repeats on every call. Here the same cuBLASLt call is made with the algorithm, layouts
+and descriptor kept between calls: 25 us per call on the same host, and the output is the same
+bits (the H100 check in tests/test_gemm.py).
+
+What is kept
+------------
+- One cuBLASLt handle and matmul descriptor per (thread, device, scaling pair, output dtype);
+  the descriptor's scale pointers are set per call. Per thread because the forward and the
+  backward of a compiled graph run on different threads.
+- Matrix layouts per (dtype, rows, cols, ld).
+- The algorithm per problem, found for the problem's varying dim (the group's rows in
+  fprop/dgrad, its tokens in wgrad) rounded up to a power of two, so a new routing does not
+  search again for every new group size. Should cuBLAS refuse a cached algorithm for an actual
+  size, the algorithm is searched for that exact size and kept for it.
+- A 32 MiB workspace per (device, stream).
+
+The library is the libcublasLt that torch loaded (found in the process's maps), so versions
+cannot mix. Used on CUDA only, where `probe()` (a small GEMM of the same kind, compared with the
+torch call) passes; `FP8FLOW_CUBLASLT=0` turns it off, and then cublas.py calls torch.
+
+The problem, as cuBLAS sees it
+------------------------------
+Every use here is out[m, n] = sum_k a[m, k] * b[n, k] with a, b and out row-major (their rows
+may be strided, the elements contiguous). cuBLAS is column-major, so it computes out^T [n, m] =
+op(B) @ A^T with its A = our b (rows k, cols n, transposed: "T") and its B = our a (rows k,
+cols m: "N"), the TN form Hopper FP8 needs. Scales: 1x128 tiles along k given as a packed
+[rows, k / 128] column-major tensor (VEC128_32F), or 128x128 blocks given as the row-major
+[n / 128, k / 128] grid with a row stride that is a multiple of 4 (BLK128x128_32F).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as C
+import functools
+import os
+import threading
+
+import torch
+
+# cuBLAS / CUDA enum values (cublasLt.h, library_types.h, cublas_api.h)
+_COMPUTE_32F = 68
+_R_32F, _R_16BF, _R_16F, _R_8F_E4M3, _R_8F_E5M2 = 0, 14, 2, 28, 29
+_OP_N, _OP_T = 0, 1
+_DESC_TRANSA, _DESC_TRANSB = 3, 4
+_DESC_A_SCALE_POINTER, _DESC_B_SCALE_POINTER = 17, 18
+_DESC_A_SCALE_MODE, _DESC_B_SCALE_MODE = 31, 32
+_PREF_MAX_WORKSPACE_BYTES = 1
+_PREF_MIN_ALIGNMENT_BYTES = (5, 6, 7, 8)  # of cuBLAS's A, B, C, D
+_STATUS_INVALID_VALUE, _STATUS_NOT_SUPPORTED = 7, 15
+#: Scaling modes by the fp8flow name of the layout.
+VEC128, BLK128 = 4, 5
+
+#: First cuBLASLt with the 1x128 / 128x128 scaling modes (CUDA 12.9).
+MIN_VERSION = 120900
+WORKSPACE = 32 << 20
+
+_DTYPES = {torch.float8_e4m3fn: _R_8F_E4M3, torch.float8_e5m2: _R_8F_E5M2,
+           torch.bfloat16: _R_16BF, torch.float16: _R_16F, torch.float32: _R_32F}
+
+_enabled = os.environ.get("FP8FLOW_CUBLASLT", "1")
+if _enabled not in ("0", "1"):
+    raise ValueError(f"FP8FLOW_CUBLASLT={_enabled!r}: must be 0 or 1")
+
+
+class _Algo(C.Structure):
+    _fields_ = [("data", C.c_uint64 * 8)]
+
+
+class _Heuristic(C.Structure):
+    _fields_ = [("algo", _Algo), ("workspaceSize", C.c_size_t), ("state", C.c_int),
+                ("wavesCount", C.c_float), ("reserved", C.c_int * 4)]
+
+
+class CublasLtError(RuntimeError):
+    pass
+
+
+def _find_library() -> str:
+    """The path of the libcublasLt torch has loaded (torch's CUDA init loads it)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "libcublasLt.so" in line:
+                return line.split()[-1]
+    return "libcublasLt.so"
+
+
+@functools.cache
+def _lib() -> C.CDLL:
+    torch.cuda.init()
+    if not any("libcublasLt.so" in line for line in open("/proc/self/maps")):
+        # torch loads cuBLASLt lazily on some builds: a small matmul brings it in
+        a = torch.ones(16, 16, device="cuda")
+        a @ a
+    lib = C.CDLL(_find_library())
+    vp, i, sz = C.c_void_p, C.c_int, C.c_size_t
+    sigs = {
+        "cublasLtCreate": [vp],
+        "cublasLtMatmulDescCreate": [vp, i, i],
+        "cublasLtMatmulDescSetAttribute": [vp, i, vp, sz],
+        "cublasLtMatrixLayoutCreate": [vp, i, C.c_uint64, C.c_uint64, C.c_int64],
+        "cublasLtMatrixLayoutDestroy": [vp],
+        "cublasLtMatmulPreferenceCreate": [vp],
+        "cublasLtMatmulPreferenceSetAttribute": [vp, i, vp, sz],
+        "cublasLtMatmulAlgoGetHeuristic": [vp, vp, vp, vp, vp, vp, vp, i, vp, vp],
+        "cublasLtMatmul": [vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, sz, vp],
+    }
+    for name, args in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, C.c_int
+    lib.cublasLtGetVersion.restype = C.c_size_t
+    lib.cublasLtGetStatusName.restype = C.c_char_p
+    lib.cublasLtGetStatusName.argtypes = [C.c_int]
+    return lib
+
+
+def _check(status: int, what: str) -> None:
+    if status:
+        name = _lib().cublasLtGetStatusName(status).decode()
+        raise CublasLtError(f"cuBLASLt {what}: {name} ({status})")
+
+
+def version() -> int:
+    return int(_lib().cublasLtGetVersion())
+
+
+def _alignment(ptr: int) -> int:
+    """The largest power of two up to 256 that divides the address."""
+    return min(ptr & -ptr, 256) if ptr else 256
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Runner:
+    """out[m, n] = a[m, k] . b[n, k] for one (device, scaling pair, output dtype), on one
+    thread."""
+
+    def __init__(self, device: torch.device, mode_a: int, mode_b: int, out_dtype: torch.dtype,
+                 vary_m: bool):
+        lib = self.lib = _lib()
+        self.device = device
+        self.vary_m = vary_m  # the dim that varies between groups: m (fprop/dgrad) or k (wgrad)
+        self.out_type = _DTYPES[out_dtype]
+        with torch.cuda.device(device):
+            self.handle = C.c_void_p()
+            _check(lib.cublasLtCreate(C.byref(self.handle)), "create")
+        self.desc = C.c_void_p()
+        _check(lib.cublasLtMatmulDescCreate(C.byref(self.desc), _COMPUTE_32F, _R_32F), "desc")
+        # cuBLAS's A is our b (scale mode_b), its B our a (mode_a)
+        for attr, v in ((_DESC_TRANSA, _OP_T), (_DESC_TRANSB, _OP_N),
+                        (_DESC_A_SCALE_MODE, mode_b), (_DESC_B_SCALE_MODE, mode_a)):
+            _check(lib.cublasLtMatmulDescSetAttribute(self.desc, attr, C.byref(C.c_int32(v)), 4),
+                   f"descriptor attribute {attr}")
+        self.pref = C.c_void_p()
+        _check(lib.cublasLtMatmulPreferenceCreate(C.byref(self.pref)), "preference")
+        _check(lib.cublasLtMatmulPreferenceSetAttribute(
+            self.pref, _PREF_MAX_WORKSPACE_BYTES, C.byref(C.c_uint64(WORKSPACE)), 8), "workspace")
+        self.layouts: dict[tuple, C.c_void_p] = {}
+        self.algos: dict[tuple, _Algo] = {}
+        self.alpha, self.beta = C.c_float(1.0), C.c_float(0.0)
+        self.a_scale, self.b_scale = C.c_void_p(), C.c_void_p()
+        self.a_scale_ref, self.b_scale_ref = C.byref(self.a_scale), C.byref(self.b_scale)
+
+    def layout(self, dtype: int, rows: int, cols: int, ld: int) -> C.c_void_p:
+        key = (dtype, rows, cols, ld)
+        lay = self.layouts.get(key)
+        if lay is None:
+            if len(self.layouts) > 4096:  # routings come and go; keep the cache bounded
+                for old in self.layouts.values():
+                    self.lib.cublasLtMatrixLayoutDestroy(old)
+                self.layouts.clear()
+            lay = C.c_void_p()
+            _check(self.lib.cublasLtMatrixLayoutCreate(C.byref(lay), dtype, rows, cols, ld),
+                   "layout")
+            self.layouts[key] = lay
+        return lay
+
+    def search(self, la, lb, ld, align: tuple[int, int, int]) -> _Algo:
+        """The first algorithm of cuBLAS's search for these layouts and pointer alignments
+        (cuA, cuB, D), in bytes: the search otherwise assumes 256-byte-aligned buffers."""
+        for attr, v in zip(_PREF_MIN_ALIGNMENT_BYTES, (align[0], align[1], align[2], align[2])):
+            _check(self.lib.cublasLtMatmulPreferenceSetAttribute(
+                self.pref, attr, C.byref(C.c_uint32(v)), 4), "alignment preference")
+        res = (_Heuristic * 1)()
+        count = C.c_int(0)
+        _check(self.lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, la, lb, ld, ld,
+                                                       self.pref, 1, res, C.byref(count)),
+               "algorithm search")
+        if count.value == 0:
+            raise CublasLtError("cuBLASLt algorithm search: no algorithm for this problem")
+        return res[0].algo
+
+    def __call__(self, a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                 out: torch.Tensor, stream: int, workspace: int) -> None:
+        m, k = a.shape
+        self.mm(_DTYPES[a.dtype], _DTYPES[b.dtype], a.data_ptr(), a.stride(0), b.data_ptr(),
+                b.stride(0), out.data_ptr(), out.stride(0), m, b.shape[0], k, a_s.data_ptr(),
+                b_s.data_ptr(), stream, workspace)
+
+    def mm(self, ta: int, tb: int, pa: int, lda: int, pb: int, ldb: int, po: int, ldo: int,
+           m: int, n: int, k: int, pas: int, pbs: int, stream: int, workspace: int) -> None:
+        """The call on raw addresses: a at pa ([m, k], row stride lda elements), b at pb
+        ([n, k], ldb), out at po ([m, n], ldo), scales of a at pas and of b at pbs."""
+        la = self.layout(tb, k, n, ldb)
+        lb = self.layout(ta, k, m, lda)
+        ld = self.layout(self.out_type, n, m, ldo)
+        self.a_scale.value = pbs
+        self.b_scale.value = pas
+        align = (_alignment(pb), _alignment(pa), _alignment(po))
+        lib = self.lib
+        lib.cublasLtMatmulDescSetAttribute(self.desc, _DESC_A_SCALE_POINTER, self.a_scale_ref, 8)
+        lib.cublasLtMatmulDescSetAttribute(self.desc, _DESC_B_SCALE_POINTER, self.b_scale_ref, 8)
+        # the algorithm of the power-of-two class of the dim that varies between groups
+        mb, kb = (_pow2(m), k) if self.vary_m else (m, _pow2(k))
+        key = (ta, tb, mb, n, kb, lda, ldb, ldo, align)
+        algo = self.algos.get(key)
+        if algo is None:
+            algo = self.algos[key] = self.search(
+                self.layout(tb, kb, n, max(ldb, kb)), self.layout(ta, kb, mb, max(lda, kb)),
+                self.layout(self.out_type, n, mb, max(ldo, n)), align)
+        status = lib.cublasLtMatmul(self.handle, self.desc, C.byref(self.alpha), pb, la, pa, lb,
+                                    C.byref(self.beta), po, ld, po, ld, C.byref(algo), workspace,
+                                    WORKSPACE, stream)
+        if status in (_STATUS_INVALID_VALUE, _STATUS_NOT_SUPPORTED):
+            # the class's algorithm does not take this exact size: search for it and keep it
+            exact = (ta, tb, m, n, k, lda, ldb, ldo, align, "exact")
+            algo = self.algos.get(exact)
+            if algo is None:
+                algo = self.algos[exact] = self.search(la, lb, ld, align)
+            status = lib.cublasLtMatmul(self.handle, self.desc, C.byref(self.alpha), pb, la, pa,
+                                        lb, C.byref(self.beta), po, ld, po, ld, C.byref(algo),
+                                        workspace, WORKSPACE, stream)
+        _check(status, f"matmul [{m}, {k}] x [{n}, {k}]^T")
+
+
+_local = threading.local()
+_nullcontext = contextlib.nullcontext()
+_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+_ws_lock = threading.Lock()
+
+
+def _workspace(device: torch.device, stream: torch.cuda.Stream) -> int:
+    key = (device.index, stream.cuda_stream)
+    ws = _workspaces.get(key)
+    if ws is None:
+        with _ws_lock:
+            ws = _workspaces.setdefault(
+                key, torch.empty(WORKSPACE, dtype=torch.uint8, device=device))
+    return ws.data_ptr()
+
+
+class Caller:
+    """A GEMM callable with the signature of cublas.dense_fwd / dense_wgrad, bound to the
+    current stream of `device` when made: make one per grouped GEMM, call it per group."""
+
+    def __init__(self, device: torch.device, kind: str, out_dtype: torch.dtype):
+        runners = getattr(_local, "runners", None)
+        if runners is None:
+            runners = _local.runners = {}
+        key = (device.index, kind, out_dtype)
+        run = runners.get(key)
+        if run is None:
+            modes = (VEC128, BLK128) if kind == "fwd" else (VEC128, VEC128)
+            run = runners[key] = _Runner(device, *modes, out_dtype, vary_m=kind == "fwd")
+        self.run = run
+        stream = torch.cuda.current_stream(device)
+        self.stream = stream.cuda_stream
+        self.workspace = _workspace(device, stream)
+        # kernels launch on the current device: switch to the tensors' device if it is another
+        self.device = device if device.index != torch.cuda.current_device() else None
+
+    def __call__(self, a_q, a_s_cm, b_q, b_s, out) -> None:
+        if self.device is None:
+            self.run(a_q, a_s_cm, b_q, b_s, out, self.stream, self.workspace)
+        else:
+            with torch.cuda.device(self.device):
+                self.run(a_q, a_s_cm, b_q, b_s, out, self.stream, self.workspace)
+
+    def many(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+             calls: list[tuple[int, int, int, int, int, int, int, int]]) -> None:
+        """One call per entry on raw offsets from the bases of a, b and out (tensors whose rows
+        are contiguous): entries (a offset, m, b offset, n, k, out offset, address of a's scales,
+        address of b's scales), offsets in elements, row strides those of the bases. The
+        grouped loops use this to skip making tensor views per group: host time is what
+        limits them."""
+        ta, tb = _DTYPES[a.dtype], _DTYPES[b.dtype]
+        pa0, pb0, po0 = a.data_ptr(), b.data_ptr(), out.data_ptr()
+        ea, eb, eo = a.element_size(), b.element_size(), out.element_size()
+        lda, ldb, ldo = a.stride(0), b.stride(0), out.stride(0)
+        mm, stream, ws = self.run.mm, self.stream, self.workspace
+        with torch.cuda.device(self.device) if self.device is not None else _nullcontext:
+            for oa, m, ob, n, k, oo, pas, pbs in calls:
+                mm(ta, tb, pa0 + oa * ea, lda, pb0 + ob * eb, ldb, po0 + oo * eo, ldo, m, n, k,
+                   pas, pbs, stream, ws)
+
+
+def enabled() -> bool:
+    return _enabled == "1"
+
+
+def set_enabled(on: bool) -> None:
+    """Call cuBLASLt directly (True, the default) or through torch (False)."""
+    global _enabled
+    _enabled = "1" if on else "0"
+
+
+@functools.cache
+def probe(device_index: int, kind: str, out_dtype: torch.dtype) -> str | None:
+    """None if a small GEMM of this kind through the direct call gives what the torch call
+    gives on this device, else the reason (the loop then calls torch)."""
+    from ..recipe import TILE
+    from .cublas import ALIGN, K_BLOCKS, col_major, dense_fwd, dense_wgrad
+    dev = torch.device("cuda", device_index)
+    try:
+        if version() < MIN_VERSION:
+            return f"cuBLASLt {version()} predates blockwise FP8 scaling ({MIN_VERSION})"
+        g = torch.Generator(device=dev).manual_seed(0)
+        fp8 = torch.float8_e4m3fn
+        m, n, kb = 2 * ALIGN, 2 * TILE, K_BLOCKS
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g, device=dev)
+
+        def scales(*shape):
+            return torch.exp2(torch.randint(-3, 4, shape, generator=g, device=dev).float())
+
+        a = rnd(m, kb * TILE).to(fp8)
+        a_s = col_major(scales(m, kb))
+        if kind == "fwd":
+            b, b_s = rnd(n, kb * TILE).to(fp8), scales(n // TILE, kb)
+            ref_fn = dense_fwd
+        else:
+            b, b_s = rnd(n, kb * TILE).to(fp8), col_major(scales(n, kb))
+            ref_fn = dense_wgrad
+        ref = torch.empty(m, n, dtype=out_dtype, device=dev)
+        out = torch.full((m, n), float("nan"), dtype=out_dtype, device=dev)
+        ref_fn(a, a_s, b, b_s, ref)
+        Caller(dev, kind, out_dtype)(a, a_s, b, b_s, out)
+        torch.cuda.synchronize(dev)
+        if not torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2):
+            err = (out.float() - ref.float()).abs().max().item()
+            return f"the direct cuBLASLt call differs from torch's by up to {err:.3g}"
+    except (OSError, AttributeError, CublasLtError, RuntimeError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return None
