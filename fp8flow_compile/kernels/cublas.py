@@ -14,10 +14,13 @@ step (`fp8flow::offsets_to_host`, placed where offs is made, started without wai
 copy to every grouped GEMM of the step, forward and backward, which wait on its event; called
 without it, each call copies offs itself (a sync per call). On the GPU the per-group GEMMs run at
 cuBLAS's dense rate (H100, DeepSeek-V3 shard: 1250 TFLOP/s for fprop/dgrad, 946 for wgrad, against
-680-715 and 300-333 for the Triton kernel), but each call also costs host time: about 57 us per
-`_scaled_mm_v2` call (torch 2.11, measured with the GPU kept busy), 1.9 ms for a grouped fprop of
-32 groups, where one group's GEMM takes 80-95 us on the GPU. With many small groups the host time
-dominates and the single Triton launch wins; `choose()` picks by the mean work per group. Issuing
+680-715 and 300-333 for the Triton kernel), but each call also costs host time: through torch
+about 57 us per `_scaled_mm_v2` call (torch 2.11, measured with the GPU kept busy), 1.9-2.6 ms for a
+grouped fprop of 32 groups, where one group's GEMM takes 80-95 us on the GPU. The loop therefore
+calls cuBLASLt directly (cublaslt.py: the algorithm search, layouts and descriptor kept between
+calls, raw offsets instead of tensor views per group): 1.2 ms for the same grouped fprop, the same
+output bits. With many small groups the host time still dominates and the single Triton launch
+wins; `choose()` picks by the mean work per group. Issuing
 the calls from worker threads on side streams does not help: the same grouped fprop took 3.1 / 4.5
 / 5.0 ms of host time from 2 / 4 / 8 threads. The host copy of offs also rules out CUDA-graph
 capture, where the Triton kernel is used.
