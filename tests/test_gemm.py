@@ -531,6 +531,32 @@ def test_cublas_direct_loop_addresses_match_the_tensor_loop(case):
                 assert raw.raw_calls == int(((po.diff(prepend=po.new_zeros(1))) > 0).sum())
 
 
+class FailingCaller(RawCaller):
+    """A direct call that cuBLASLt refuses partway through the loop."""
+
+    def many(self, a, b, out, calls):
+        super().many(a, b, out, calls[:1])
+        raise LT.CublasLtError("cuBLASLt matmul: CUBLAS_STATUS_NOT_SUPPORTED (15)")
+
+
+def test_cublas_direct_loop_refused_reruns_through_torch(monkeypatch):
+    """A cuBLASLt error partway through a grouped GEMM runs every group again through the torch
+    call (here the strict stand-ins), with a warning, not a half-written output."""
+    monkeypatch.setattr(CB, "dense_fwd", strict_dense_fwd)
+    monkeypatch.setattr(CB, "dense_wgrad", strict_dense_wgrad)
+    offs = torch.tensor(CUBLAS_OFFS["small_and_unaligned"], dtype=torch.int32)
+    E = offs.numel()
+    aq, as_ = Q.quantize_1x128_ref(rnd((P, 512), 58))
+    bq, bs = Q.quantize_128x128_ref(rnd((E, 96, 512), 59, "normal"))
+    y = CB.grouped_fwd(aq, as_, bq, bs, offs, BF16, dense=FailingCaller("fwd"))
+    assert torch.equal(y, CB.grouped_fwd(aq, as_, bq, bs, offs, BF16, dense=strict_dense_fwd))
+    po = GR.pad_offsets(offs, 16)
+    ta = Q.quantize_1x128_col_ref(rnd((P, 64), 60), offs, 16)
+    tb = Q.quantize_1x128_col_ref(rnd((P, 160), 61), offs, 16)
+    dw = CB.grouped_wgrad(*ta, *tb, po, F32, dense=FailingCaller("wgrad"))
+    assert torch.equal(dw, CB.grouped_wgrad(*ta, *tb, po, F32, dense=strict_dense_wgrad))
+
+
 @pytest.mark.parametrize("offs", [[5, 3, 9, 20], [0, 0, 0], [16, 48, 250],
                                   [1, 6, 22, 38, 38, 166, 294], [300], [3, 297, 299]])
 def test_pack_scales_kernel_matches_gather(offs):

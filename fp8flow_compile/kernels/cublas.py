@@ -346,10 +346,15 @@ def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable | None = No
     sizes = [e - s for s, e in bounds]
     rows = [cdiv(m, ROW_ALIGN) * ROW_ALIGN for m in sizes]
     dense = dense or _dense("fwd", a_q.device, out_dtype)
-    if isinstance(dense, cublaslt.Caller) and b_q.is_contiguous():
-        _grouped_fwd_direct(dense, a_q, a_s, b_q, b_s, offs, bounds, rows, out)
-        out[used:].zero_()
-        return out
+    if isinstance(dense, cublaslt.Caller) and b_q.is_contiguous() and b_s.is_contiguous() \
+            and a_q.stride(1) == 1:
+        try:
+            _grouped_fwd_direct(dense, a_q, a_s, b_q, b_s, offs, bounds, rows, out)
+            out[used:].zero_()
+            return out
+        except cublaslt.CublasLtError as e:  # every group is written again below
+            _warn_lt_once("fwd", out_dtype, str(e))
+            dense = dense_fwd
     scales = _pack_group_scales(a_s, offs, bounds, rows)
     for g, ((s, e), r, b, bs) in enumerate(zip(bounds, rows, b_q.unbind(0), b_s.unbind(0))):
         if e == s:
@@ -406,7 +411,18 @@ def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable | None = 
     b_g = b_q[:, :used].split(sizes, dim=1)
     o_g = out.unbind(0)
     dense = dense or _dense("wgrad", a_q.device, out_dtype)
-    direct = isinstance(dense, cublaslt.Caller)
+    direct = isinstance(dense, cublaslt.Caller) and a_q.stride(1) == 1 and b_q.stride(1) == 1
+    try:
+        return _grouped_wgrad_loop(a_g, sa, b_g, sb, o_g, bounds, sizes, dense, direct, a_q, b_q,
+                                   out)
+    except cublaslt.CublasLtError as e:  # every group is written again through torch
+        _warn_lt_once("wgrad", out_dtype, str(e))
+        return _grouped_wgrad_loop(a_g, sa, b_g, sb, o_g, bounds, sizes, dense_wgrad, False,
+                                   a_q, b_q, out)
+
+
+def _grouped_wgrad_loop(a_g, sa, b_g, sb, o_g, bounds, sizes, dense, direct, a_q, b_q, out):
+    N, K = out.shape[1], out.shape[2]
     calls = []
     for g, (start, n) in enumerate(zip((s for s, _ in bounds), sizes)):
         if not n:  # a memset per empty group: indexing `out` with a host list would copy (and sync)

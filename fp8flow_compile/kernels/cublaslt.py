@@ -20,10 +20,11 @@ What is kept
   the descriptor's scale pointers are set per call. Per thread because the forward and the
   backward of a compiled graph run on different threads.
 - Matrix layouts per (dtype, rows, cols, ld).
-- The algorithm per problem, found for the problem's varying dim (the group's rows in
-  fprop/dgrad, its tokens in wgrad) rounded up to a power of two, so a new routing does not
-  search again for every new group size. Should cuBLAS refuse a cached algorithm for an actual
-  size, the algorithm is searched for that exact size and kept for it.
+- The algorithm per problem and pointer alignment; in fprop/dgrad per power-of-two class of the
+  group's rows, so a new routing does not search again for every new group size (wgrad searches
+  per token count). Should cuBLAS refuse a cached algorithm for an actual size, the algorithm is
+  searched for that exact size and kept for it; should that fail too, cublas.py runs the whole
+  grouped GEMM again through torch.
 - A 32 MiB workspace per (device, stream).
 
 The library is the libcublasLt that torch loaded (found in the process's maps), so versions
@@ -92,8 +93,9 @@ def _find_library() -> str:
     """The path of the libcublasLt torch has loaded (torch's CUDA init loads it)."""
     with open("/proc/self/maps") as f:
         for line in f:
-            if "libcublasLt.so" in line:
-                return line.split()[-1]
+            for token in line.split():
+                if "libcublasLt.so" in token:
+                    return token
     return "libcublasLt.so"
 
 
@@ -179,10 +181,6 @@ class _Runner:
         key = (dtype, rows, cols, ld)
         lay = self.layouts.get(key)
         if lay is None:
-            if len(self.layouts) > 4096:  # routings come and go; keep the cache bounded
-                for old in self.layouts.values():
-                    self.lib.cublasLtMatrixLayoutDestroy(old)
-                self.layouts.clear()
             lay = C.c_void_p()
             _check(self.lib.cublasLtMatrixLayoutCreate(C.byref(lay), dtype, rows, cols, ld),
                    "layout")
@@ -215,6 +213,13 @@ class _Runner:
            m: int, n: int, k: int, pas: int, pbs: int, stream: int, workspace: int) -> None:
         """The call on raw addresses: a at pa ([m, k], row stride lda elements), b at pb
         ([n, k], ldb), out at po ([m, n], ldo), scales of a at pas and of b at pbs."""
+        if len(self.layouts) > 4096 or len(self.algos) > 4096:
+            # routings come and go: keep the caches bounded (cleared here, before this call
+            # takes any layout, so none it uses is destroyed under it)
+            for old in self.layouts.values():
+                self.lib.cublasLtMatrixLayoutDestroy(old)
+            self.layouts.clear()
+            self.algos.clear()
         la = self.layout(tb, k, n, ldb)
         lb = self.layout(ta, k, m, lda)
         ld = self.layout(self.out_type, n, m, ldo)
@@ -222,10 +227,15 @@ class _Runner:
         self.b_scale.value = pas
         align = (_alignment(pb), _alignment(pa), _alignment(po))
         lib = self.lib
-        lib.cublasLtMatmulDescSetAttribute(self.desc, _DESC_A_SCALE_POINTER, self.a_scale_ref, 8)
-        lib.cublasLtMatmulDescSetAttribute(self.desc, _DESC_B_SCALE_POINTER, self.b_scale_ref, 8)
-        # the algorithm of the power-of-two class of the dim that varies between groups
-        mb, kb = (_pow2(m), k) if self.vary_m else (m, _pow2(k))
+        if lib.cublasLtMatmulDescSetAttribute(self.desc, _DESC_A_SCALE_POINTER, self.a_scale_ref,
+                                              8) or \
+                lib.cublasLtMatmulDescSetAttribute(self.desc, _DESC_B_SCALE_POINTER,
+                                                   self.b_scale_ref, 8):
+            raise CublasLtError("cuBLASLt: setting the scale pointers failed")
+        # fprop/dgrad: the algorithm of the power-of-two class of the group's rows (the tile
+        # configuration does not depend on m; K is fixed). wgrad: searched per token count, as
+        # a split of the contracted dim found for another k is not reused.
+        mb, kb = (_pow2(m), k) if self.vary_m else (m, k)
         key = (ta, tb, mb, n, kb, lda, ldb, ldo, align)
         algo = self.algos.get(key)
         if algo is None:
@@ -354,6 +364,7 @@ def probe(device_index: int, kind: str, out_dtype: torch.dtype) -> str | None:
         if not torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2):
             err = (out.float() - ref.float()).abs().max().item()
             return f"the direct cuBLASLt call differs from torch's by up to {err:.3g}"
-    except (OSError, AttributeError, CublasLtError, RuntimeError) as e:
+    except (OSError, AttributeError, KeyError, TypeError, ValueError, C.ArgumentError,
+            CublasLtError, RuntimeError) as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return None
