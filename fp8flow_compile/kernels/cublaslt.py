@@ -293,12 +293,12 @@ class Caller:
         # kernels launch on the current device: switch to the tensors' device if it is another
         self.device = device if device.index != torch.cuda.current_device() else None
 
+    def _on_device(self):
+        return torch.cuda.device(self.device) if self.device is not None else _nullcontext
+
     def __call__(self, a_q, a_s_cm, b_q, b_s, out) -> None:
-        if self.device is None:
+        with self._on_device():
             self.run(a_q, a_s_cm, b_q, b_s, out, self.stream, self.workspace)
-        else:
-            with torch.cuda.device(self.device):
-                self.run(a_q, a_s_cm, b_q, b_s, out, self.stream, self.workspace)
 
     def many(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
              calls: list[tuple[int, int, int, int, int, int, int, int]]) -> None:
@@ -312,7 +312,7 @@ class Caller:
         ea, eb, eo = a.element_size(), b.element_size(), out.element_size()
         lda, ldb, ldo = a.stride(0), b.stride(0), out.stride(0)
         mm, stream, ws = self.run.mm, self.stream, self.workspace
-        with torch.cuda.device(self.device) if self.device is not None else _nullcontext:
+        with self._on_device():
             for oa, m, ob, n, k, oo, pas, pbs in calls:
                 mm(ta, tb, pa0 + oa * ea, lda, pb0 + ob * eb, ldb, po0 + oo * eo, ldo, m, n, k,
                    pas, pbs, stream, ws)
