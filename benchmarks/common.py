@@ -21,6 +21,28 @@ def bench_ms(fn, warmup_ms: int = 25, rep_ms: int = 200) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def bench_graph_ms(fn, calls: int = 10) -> tuple[float, str]:
+    """Milliseconds per fn() with `calls` calls replayed from one CUDA graph: the GPU time of
+    short kernels without the host's dispatch time per call (a custom op's dispatch can take
+    longer than a 0.07 ms kernel). Falls back to bench_ms where fn cannot be captured.
+    Returns (ms, "graph" or "eager")."""
+    try:
+        fn()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        return bench_ms(graph.replay) / calls, "graph"
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return bench_ms(fn), "eager"
+
+
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()

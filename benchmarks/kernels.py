@@ -1,10 +1,14 @@
 """Kernel benchmark at DeepSeek-V3 MoE shapes: every fp8flow op against its ceiling and peers.
 
 Memory-bound ops report GB/s (fewest bytes: each input read once, each output written once)
-against the device copy bandwidth measured in the same run. GEMMs report TFLOP/s against cuBLAS
+against the device copy bandwidth measured in the same run, timed as ten calls replayed from a
+CUDA graph (the kernels' GPU time, without the op dispatch's host time; rows marked "eager"
+could not be captured). GEMMs report TFLOP/s against cuBLAS
 through torch in the same run: dense blockwise `F.scaled_mm` at the same total size (1x128 x
 128x128 for fprop/dgrad, 1x128 x 1x128 for wgrad) and rowwise `torch._scaled_grouped_mm`.
-Each of our outputs is checked against its torch reference before it is timed.
+Each of our outputs is checked against its torch reference before it is timed. The cuBLAS
+per-group rows get a host copy of the group ends, as the compiled graph hands them one (copied
+once per step); without it every call would copy them itself and wait for the device.
 
     python benchmarks/kernels.py [--tokens 8192 --hidden 7168 --inter 2048 --experts 32 --topk 8]
 """
@@ -20,7 +24,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_ms, copy_bandwidth_gbs, env_line, rel_err  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bench_graph_ms,
+    bench_ms,
+    copy_bandwidth_gbs,
+    env_line,
+    rel_err,
+)
 from fp8flow_compile.kernels import cublas as CB  # noqa: E402
 from fp8flow_compile.kernels import gemm as G  # noqa: E402
 from fp8flow_compile.kernels import permute as PM  # noqa: E402
@@ -37,9 +47,10 @@ def same_bytes(a, b):
 
 
 def mem_row(name, fn, nbytes, bw, check):
-    ms = bench_ms(fn)
+    ms, how = bench_graph_ms(fn)
     gbs = nbytes / ms / 1e6
-    ROWS.append((name, f"{ms:.3f}", f"{gbs:.0f} GB/s", f"{gbs / bw:.0%} of copy", check))
+    note = "" if how == "graph" else " (eager)"
+    ROWS.append((name, f"{ms:.3f}", f"{gbs:.0f} GB/s", f"{gbs / bw:.0%} of copy{note}", check))
 
 
 def gemm_row(name, fn, flops, peer_tflops, check):
@@ -148,6 +159,18 @@ def main():
             P * I * 2 + P * 2 * I * 2 + P * 4 + P * 2 * I + P * 2 * I // 32 + P * 4, bw,
             f"byte mismatch {mism:.1e}")
 
+    # h saved in FP8 (the flow's default): the backward decodes it with its 1x128 scales
+    # (the decoded h is exact in bf16: 4 significant bits times a power of two)
+    hq, hs = ops.quantize_1x128(h)
+    got = SW.swiglu_quant_backward_triton(da, hq, probs_p, h_scales=hs)
+    r = SW.swiglu_quant_backward_ref(da, Q.dequantize_1x128_ref(hq, hs).to(torch.bfloat16),
+                                     probs_p)
+    mism = (got[0].view(torch.uint8) != r[0].view(torch.uint8)).float().mean().item()
+    mem_row("swiglu_quant_backward, h in FP8",
+            lambda: SW.swiglu_quant_backward_triton(da, hq, probs_p, h_scales=hs),
+            P * I * 2 + P * 2 * I + P * 2 * I // 32 + P * 4 + P * 2 * I + P * 2 * I // 32
+            + P * 4, bw, f"byte mismatch {mism:.1e}")
+
     y = torch.randn(P, H, device=dev, dtype=torch.bfloat16)
     out = ops.unpermute(y, maps.pos, None)
     mem_row("unpermute [P,H]->[T,H] bf16", lambda: ops.unpermute(y, maps.pos, None),
@@ -204,6 +227,7 @@ def main():
 
     dq_p = torch.randn(P, H, device=dev, dtype=torch.bfloat16)
     dq_p, ds_p = ops.quantize_1x128(dq_p)
+    oh = CB.host_copy(offs)
     uses = [  # name, A (q, s), B (q, s), trans_b, K, N
         ("FC1 fprop", (xq_p, xs_p), (w13q, w13s), True, H, 2 * I),
         ("FC2 fprop", (aq, as_), (w2q, w2s), True, I, H),
@@ -237,10 +261,10 @@ def main():
                  lambda: G.grouped_gemm_fp8_triton(a_q, a_s, b_q, b_s, offs, tb, torch.bfloat16, c),
                  flops, peer, f"rel err {err:.1e}")
         # the same op as one cuBLAS call per group (what `auto` picks at this size)
-        o = CB.grouped_fwd(a_q, a_s, b_q, b_s, offs, torch.bfloat16)
+        o = CB.grouped_fwd(a_q, a_s, b_q, b_s, offs, torch.bfloat16, offs_host=oh)
         err = rel_err(o, G.grouped_gemm_fp8_ref(a_q, a_s, b_q, b_s, offs, tb, torch.float32))
         gemm_row(f"grouped_gemm_fp8 {name} [cuBLAS per group]",
-                 lambda: CB.grouped_fwd(a_q, a_s, b_q, b_s, offs, torch.bfloat16),
+                 lambda: CB.grouped_fwd(a_q, a_s, b_q, b_s, offs, torch.bfloat16, offs_host=oh),
                  flops, peer, f"rel err {err:.1e}")
         ROWS.append(("", "", "", "", ""))
 
@@ -264,10 +288,10 @@ def main():
                  lambda: G.grouped_gemm_fp8_wgrad_triton(aT, aTs, bT, bTs, offs, torch.float32, c),
                  flops, peer, f"rel err {err:.1e}")
         for od in (torch.float32, torch.bfloat16):
-            o = CB.grouped_wgrad(aT, aTs, bT, bTs, offs, od)
+            o = CB.grouped_wgrad(aT, aTs, bT, bTs, offs, od, offs_host=oh)
             err = rel_err(o, G.grouped_gemm_fp8_wgrad_ref(aT, aTs, bT, bTs, offs, torch.float32))
             gemm_row(f"grouped_gemm_fp8_wgrad {name} [cuBLAS per group, {str(od)[6:]} out]",
-                     lambda od=od: CB.grouped_wgrad(aT, aTs, bT, bTs, offs, od),
+                     lambda od=od: CB.grouped_wgrad(aT, aTs, bT, bTs, offs, od, offs_host=oh),
                      flops, peer, f"rel err {err:.1e}")
         ROWS.append(("", "", "", "", ""))
 

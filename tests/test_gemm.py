@@ -491,7 +491,8 @@ class RawCaller(LT.Caller):
     def __call__(self, *args):
         (strict_dense_fwd if self.kind == "fwd" else strict_dense_wgrad)(*args)
 
-    def many(self, a, b, out, calls):
+    def many(self, a, b, out, calls, streams=1):
+        self.streams = streams
         for oa, m, ob, n, k, oo, pas, pbs in calls:
             view = lambda t, r, off: torch.as_strided(t, (r, k if t is not out else n),
                                                       (t.stride(0), 1), t.storage_offset() + off)
@@ -534,7 +535,7 @@ def test_cublas_direct_loop_addresses_match_the_tensor_loop(case):
 class FailingCaller(RawCaller):
     """A direct call that cuBLASLt refuses partway through the loop."""
 
-    def many(self, a, b, out, calls):
+    def many(self, a, b, out, calls, streams=1):
         super().many(a, b, out, calls[:1])
         raise LT.CublasLtError("cuBLASLt matmul: CUBLAS_STATUS_NOT_SUPPORTED (15)")
 
@@ -830,6 +831,33 @@ def test_gpu_cublaslt_direct_call_matches_the_torch_call(out_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("streams", [2, 3])
+def test_gpu_cublaslt_streams_give_the_bits_of_one_stream(monkeypatch, streams):
+    """Groups spread over side streams (aligned groups, one empty): the same outputs as all on
+    the current stream, and the current stream sees them without a synchronize (its next
+    kernel reads them)."""
+    if not LT.enabled():
+        pytest.skip("FP8FLOW_CUBLASLT=0")
+    offs = torch.tensor([512, 1024, 1024, 2048, 2560, 3072], dtype=torch.int32)
+    P_, K, N, E = 3072, 1024, 512, offs.numel()
+    x, dy = rnd((P_, K), 65), rnd((P_, N), 66)
+    aq, as_ = (t.cuda() for t in Q.quantize_1x128_ref(x))
+    bq, bs = (t.cuda() for t in Q.quantize_128x128_ref(rnd((E, N, K), 67, "normal") * 0.03))
+    ta = [t.cuda() for t in Q.quantize_1x128_col_ref(dy, offs)]
+    tb = [t.cuda() for t in Q.quantize_1x128_col_ref(x, offs)]
+    oc = offs.cuda()
+    outs = {}
+    for n in (1, streams):
+        monkeypatch.setattr(LT, "STREAMS", n)
+        torch.cuda._sleep(50_000_000)  # the side streams' work queued behind a busy stream
+        y = CB.grouped_fwd(aq, as_, bq, bs, oc, BF16)
+        dw = CB.grouped_wgrad(*ta, *tb, oc, F32)
+        outs[n] = (y.sum(1), dw.sum((1, 2)), y.clone(), dw.clone())  # read on the current stream
+    for a, b in zip(outs[1], outs[streams]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 def test_gpu_host_copy_of_offs_is_read_after_the_copy():
     """The copy is queued behind a long kernel; the host bounds must still see its values."""
     offs = torch.tensor([7, 7, 300, 4000], dtype=torch.int32, device="cuda")
@@ -874,3 +902,31 @@ def test_gpu_dense_and_scaled_mm_blockwise(gemm_backend):
     check_gpu(theirs, deq_rows(aq, as_), deq_w(bq, bs).t())
     rel = (y.double() - theirs.double()).norm() / theirs.double().norm()
     assert rel <= 2 * GPU_NORM, rel.item()
+
+
+def test_split_calls_balances_work_in_call_order():
+    # entries (oa, m, ob, n, k, oo, pas, pbs): work m * n * k
+    calls = [(i, m, 0, 8, 16, 0, 0, 0) for i, m in enumerate([64, 16, 16, 16, 64, 0, 32])]
+    assert LT.split_calls(calls, 1) == [calls]
+    assert LT.split_calls(calls[:1], 2) == [calls[:1]]
+    parts = LT.split_calls(calls, 2)
+    assert sorted(c for p in parts for c in p) == sorted(calls)  # each entry once
+    assert all(p == sorted(p) for p in parts)  # call order kept within a stream
+    work = [sum(c[1] for c in p) for p in parts]
+    assert work == [64 + 32, 16 + 16 + 16 + 64 + 0]  # greedy: least-loaded list first
+    assert len(LT.split_calls(calls[:3], 8)) == 3  # no empty lists
+
+
+def test_cublas_direct_loop_uses_one_stream_only_where_rows_overrun():
+    """fprop rounds a group's rows up to 4 into the next group's rows, which that group's call
+    must overwrite after it: such loops stay on one stream; the aligned layout and wgrad spread."""
+    aq, as_ = Q.quantize_1x128_ref(rnd((64, 512), 62))
+    bq, bs = Q.quantize_128x128_ref(rnd((2, 96, 512), 63, "normal"))
+    for offs, streams in (([5, 64], 1), ([16, 64], LT.STREAMS)):
+        raw = RawCaller("fwd")
+        CB.grouped_fwd(aq, as_, bq, bs, torch.tensor(offs, dtype=torch.int32), BF16, dense=raw)
+        assert raw.streams == streams
+    t = Q.quantize_1x128_col_ref(rnd((64, 128), 64), torch.tensor([16, 64], dtype=torch.int32))
+    raw = RawCaller("wgrad")
+    CB.grouped_wgrad(*t, *t, torch.tensor([16, 64], dtype=torch.int32), F32, dense=raw)
+    assert raw.streams == LT.STREAMS

@@ -129,6 +129,17 @@ def test_quantize_1x128_col_matches_rowwise_of_transpose():
         assert torch.equal(d1, Q.dequantize_1x128_triton(q1, s1, o))
 
 
+def test_quantize_1x128_col_program_order_bands_give_the_same_bytes():
+    """Launch orders in bands of 1 and 3 tile slots (a short last band) against the plain one:
+    with 7 slots x 3 column blocks every program's (slot, block) must still come up once."""
+    x = heavy((300, 136), 13)
+    o = torch.tensor([17, 17, 150, 290], dtype=torch.int32)
+    q1, s1 = Q.quantize_1x128_col_ref(x, o)
+    for group_t in (1, 3):
+        q2, s2 = Q.quantize_1x128_col_triton(x, o, group_t=group_t)
+        assert same_bytes(q1, q2) and torch.equal(s1, s2)
+
+
 ALIGN_CASES = [[17, 17, 150, 290], [0, 64, 64, 300], [1, 2, 3], [300]]
 
 

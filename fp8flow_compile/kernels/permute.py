@@ -294,7 +294,10 @@ def _unpermute_bwd_kernel(dout_ptr, y_ptr, src_ptr, slot_ptr, probs_ptr, dy_ptr,
 # ---------------------------------------------------------------- launchers
 
 _BLOCK_R = 8
-_ROW_BYTES = 4096  # bytes of one row a gather program moves per column block
+#: Bytes of one row a gather program moves per column block. More, smaller programs keep more
+#: random row reads in flight: H100, [8192, 7168] E4M3 -> 65536 rows, 0.293 ms with 4096 bytes,
+#: 0.255 with 2048, 0.222 with 1024 (82% of copy bandwidth); BLOCK_R 4-32 made no difference.
+_ROW_BYTES = 1024
 _BLOCK_T = 16
 _BLOCK_H = 256
 

@@ -57,7 +57,7 @@ from .groups import (
     pad_offsets,
     tile_bounds,
 )
-from .quantize import _groups, check_align, tile_ranges
+from .quantize import _groups, check_align, raster, tile_ranges
 
 _OP = "scaling_aware_transpose"
 
@@ -181,49 +181,146 @@ def _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, ostart, oend, live, M, PM
 
 
 @triton.jit
-def _transpose_words(q_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live, PM, K, KB, kb,
+def _f16_pow2_neg(k):
+    """fp16 bits of 2**-k for int32 k >= 0 (subnormal from k = 15, 0 from k = 25), both
+    halves of an int32 (an f16x2 operand)."""
+    h = tl.where(k <= 14, (15 - k) << 10, tl.where(k <= 24, 1 << tl.minimum(24 - k, 9), 0))
+    return h | (h << 16)
+
+
+@triton.jit
+def rescale_words(x, k):
+    """Four E4M3FN bytes per int32 word, each multiplied by 2**-k (int32 k >= 0, one per word):
+    the bytes shift_e4m3 gives, NaN bytes kept as they are.
+
+    Compiled: two bytes at a time through f16x2 (`cvt.rn.f16x2.e4m3x2`, `mul.rn.f16x2`,
+    `cvt.rn.satfinite.e4m3x2.f16x2`). Exact: an E4M3 value has 4 significant bits, so its
+    product with 2**-k is an fp16 number unless it is below 2**-20, where fp16 rounds it but
+    E4M3 flushes it to a zero of the same sign either way (E4M3's smallest step is 2**-9, the
+    last rounding boundary 2**-10). NaN bytes are put back from the input with a byte mask.
+    Interpreted: shift_e4m3 per byte."""
+    if HW_CAST:
+        f = _f16_pow2_neg(k)
+        y = tl.inline_asm_elementwise(
+            """{
+            .reg .b16 lo, hi, o0, o1;
+            .reg .b32 h0, h1;
+            mov.b32 {lo, hi}, $1;
+            cvt.rn.f16x2.e4m3x2 h0, lo;
+            cvt.rn.f16x2.e4m3x2 h1, hi;
+            mul.rn.f16x2 h0, h0, $2;
+            mul.rn.f16x2 h1, h1, $2;
+            cvt.rn.satfinite.e4m3x2.f16x2 o0, h0;
+            cvt.rn.satfinite.e4m3x2.f16x2 o1, h1;
+            mov.b32 $0, {o0, o1};
+            }""",
+            "=r,r,r", [x, f + tl.zeros_like(x)], dtype=tl.int32, is_pure=True, pack=1)
+        # 0x80 in every byte whose low 7 bits are 0x7F (no carry crosses a byte), then 0xFF
+        nan = ((((x & 0x7F7F7F7F) + 0x01010101) >> 7) & 0x01010101) * 255
+        return (y & ~nan) | (x & nan)
+    else:
+        out = shift_e4m3(x & 0xFF, k)
+        out |= shift_e4m3((x >> 8) & 0xFF, k) << 8
+        out |= shift_e4m3((x >> 16) & 0xFF, k) << 16
+        out |= shift_e4m3((x >> 24) & 0xFF, k) << 24
+        return out
+
+
+@triton.jit
+def _byte(x, J: tl.constexpr):
+    return (x >> (8 * J)) & 0xFF
+
+
+@triton.jit
+def transpose_bytes_4x4(y0, y1, y2, y3):
+    """Words o_j holding byte j of y0, y1, y2, y3 (in that order, y0 lowest): the 4 x 4 byte
+    matrix of four words transposed. Compiled: eight byte permutes."""
+    if HW_CAST:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t0, t1, t2, t3;
+            prmt.b32 t0, $4, $5, 0x5140;
+            prmt.b32 t1, $4, $5, 0x7362;
+            prmt.b32 t2, $6, $7, 0x5140;
+            prmt.b32 t3, $6, $7, 0x7362;
+            prmt.b32 $0, t0, t2, 0x5410;
+            prmt.b32 $1, t0, t2, 0x7632;
+            prmt.b32 $2, t1, t3, 0x5410;
+            prmt.b32 $3, t1, t3, 0x7632;
+            }""",
+            "=r,=r,=r,=r,r,r,r,r", [y0, y1, y2, y3], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True, pack=1)
+    else:
+        o0 = _byte(y0, 0) | (_byte(y1, 0) << 8) | (_byte(y2, 0) << 16) | (_byte(y3, 0) << 24)
+        o1 = _byte(y0, 1) | (_byte(y1, 1) << 8) | (_byte(y2, 1) << 16) | (_byte(y3, 1) << 24)
+        o2 = _byte(y0, 2) | (_byte(y1, 2) << 8) | (_byte(y2, 2) << 16) | (_byte(y3, 2) << 24)
+        o3 = _byte(y0, 3) | (_byte(y1, 3) << 8) | (_byte(y2, 3) << 16) | (_byte(y3, 3) << 24)
+        return o0, o1, o2, o3
+
+
+@triton.jit
+def _load_words(q32_ptr, s_ptr, rows, w, lmask, K4, KB, kb):
+    """Words [rows, 32] of one 128-column block, the rows' scale exponents, and per word the
+    row's exponent where the word holds a byte other than +-0 (else 0): the new scale's
+    exponent is the max of the last over the tile, one reduction for the whole tile."""
+    x = tl.load(q32_ptr + rows[:, None].to(tl.int64) * K4 + (kb * 32 + w)[None, :],
+                mask=lmask[:, None], other=0)
+    s = tl.load(s_ptr + rows.to(tl.int64) * KB + kb, mask=lmask, other=1.0)
+    s_ex = (s.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return x, s_ex, tl.where((x & 0x7F7F7F7F) != 0, s_ex[:, None], 0)
+
+
+@triton.jit
+def _transpose_words(q32_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live, PM, K, KB, kb,
                      TILE_: tl.constexpr):
-    # Word stores: output tiles that start and end on multiples of 4 (PM too). Rows 4w..4w+3
-    # are loaded as four row sets in the same layout, so packing their bytes into one int32 word
-    # per (w, column) moves no data between threads; the transpose then moves 4-byte words.
-    cols = kb * TILE_ + tl.arange(0, TILE_)
+    # Word loads and stores: output tiles that start and end on multiples of 4 (PM too). The
+    # input is read as words (4 columns of a row) for rows 4g + i, i = 0..3, all four sets in
+    # the same layout; each word is rescaled whole (its 4 bytes share the row's shift); the
+    # 4 x 4 byte blocks of rows 4g..4g+3 x words are transposed in registers, which gives the
+    # output words of rows (columns of q) 4w + j holding rows 4g..4g+3 of q; the last step
+    # moves whole words between threads.
+    g = tl.arange(0, TILE_ // 4)
     w = tl.arange(0, TILE_ // 4)
-    r0 = start + 4 * w
-    b0, e0, l0 = _load_block(q_ptr, s_ptr, r0, cols, (r0 < end) & live, K, KB, kb)
-    b1, e1, l1 = _load_block(q_ptr, s_ptr, r0 + 1, cols, (r0 + 1 < end) & live, K, KB, kb)
-    b2, e2, l2 = _load_block(q_ptr, s_ptr, r0 + 2, cols, (r0 + 2 < end) & live, K, KB, kb)
-    b3, e3, l3 = _load_block(q_ptr, s_ptr, r0 + 3, cols, (r0 + 3 < end) & live, K, KB, kb)
-    sc_ex = _new_scale(tl.maximum(tl.maximum(tl.max(l0, axis=0), tl.max(l1, axis=0)),
-                                  tl.maximum(tl.max(l2, axis=0), tl.max(l3, axis=0))))
-    word = rescale_e4m3(b0, tl.maximum(sc_ex - e0, 0)[:, None])
-    word |= rescale_e4m3(b1, tl.maximum(sc_ex - e1, 0)[:, None]) << 8
-    word |= rescale_e4m3(b2, tl.maximum(sc_ex - e2, 0)[:, None]) << 16
-    word |= rescale_e4m3(b3, tl.maximum(sc_ex - e3, 0)[:, None]) << 24
-    out = tl.trans(word)  # [128 columns, 32 words]
-    wq = ostart // 4 + w
-    tl.store(qt32_ptr + cols[:, None].to(tl.int64) * (PM // 4) + wq[None, :], out,
-             mask=(wq < oend // 4)[None, :])
+    K4 = K // 4
+    r0 = start + 4 * g
+    x0, e0, l0 = _load_words(q32_ptr, s_ptr, r0, w, (r0 < end) & live, K4, KB, kb)
+    x1, e1, l1 = _load_words(q32_ptr, s_ptr, r0 + 1, w, (r0 + 1 < end) & live, K4, KB, kb)
+    x2, e2, l2 = _load_words(q32_ptr, s_ptr, r0 + 2, w, (r0 + 2 < end) & live, K4, KB, kb)
+    x3, e3, l3 = _load_words(q32_ptr, s_ptr, r0 + 3, w, (r0 + 3 < end) & live, K4, KB, kb)
+    sc_ex = _new_scale(tl.max(tl.maximum(tl.maximum(l0, l1), tl.maximum(l2, l3))))
+    y0 = rescale_words(x0, tl.maximum(sc_ex - e0, 0)[:, None])
+    y1 = rescale_words(x1, tl.maximum(sc_ex - e1, 0)[:, None])
+    y2 = rescale_words(x2, tl.maximum(sc_ex - e2, 0)[:, None])
+    y3 = rescale_words(x3, tl.maximum(sc_ex - e3, 0)[:, None])
+    o0, o1, o2, o3 = transpose_bytes_4x4(y0, y1, y2, y3)  # o_j[g, w]: column 4w + j
+    wq = ostart // 4 + g
+    omask = (wq < oend // 4)[None, :]
+    base = qt32_ptr + (kb * TILE_ + 4 * w)[:, None].to(tl.int64) * (PM // 4) + wq[None, :]
+    tl.store(base, tl.trans(o0), mask=omask)
+    tl.store(base + PM // 4, tl.trans(o1), mask=omask)
+    tl.store(base + 2 * (PM // 4), tl.trans(o2), mask=omask)
+    tl.store(base + 3 * (PM // 4), tl.trans(o3), mask=omask)
     return sc_ex
 
 
 @triton.jit
-def _transpose_kernel(q_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, offs_ptr, G, M, PM, K, KB, T,
-                      TILE_: tl.constexpr, GROUPED: tl.constexpr, G_BLOCK: tl.constexpr,
-                      WORDS: tl.constexpr, ALIGN: tl.constexpr):
+def _transpose_kernel(q_ptr, q32_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, offs_ptr, G, M, PM, K, KB,
+                      T, TILE_: tl.constexpr, GROUPED: tl.constexpr, G_BLOCK: tl.constexpr,
+                      WORDS: tl.constexpr, ALIGN: tl.constexpr, GROUP_T):
     # One program per (tile slot t, column block kb): reads q[start:end, block] and s[rows, kb],
     # writes qT[block, ostart:oend] and sT[block, t]. The output range is the input range
     # (ALIGN == 1) or its place in the aligned layout (kernels.groups), padding included. The
     # rows past offs[-1] come as slots of their own that read nothing: zero bytes, scale 1.
     # WORDS (PM a multiple of 4): tiles on 4-column boundaries store int32 words, else bytes.
-    t = tl.program_id(0)
-    kb = tl.program_id(1)
+    # (Two column blocks per program measured slower on the H100: 0.48 against 0.46 ms.)
+    t, kb = raster(tl.program_id(0), T, KB, GROUP_T)
     start, end, ostart, oend, live = tile_ranges(offs_ptr, G, t, M, PM, TILE_, GROUPED,
                                                  G_BLOCK, ALIGN)
     cols = kb * TILE_ + tl.arange(0, TILE_)
     if WORDS:
         if (ostart % 4 == 0) & (oend % 4 == 0):
-            sc_ex = _transpose_words(q_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live, PM,
-                                     K, KB, kb, TILE_)
+            sc_ex = _transpose_words(q32_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live,
+                                     PM, K, KB, kb, TILE_)
         else:
             sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, ostart, oend, live, M,
                                      PM, K, KB, kb, TILE_)
@@ -238,8 +335,8 @@ def _transpose_kernel(q_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, offs_ptr, G, M, PM
 
 def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
                                    offs: torch.Tensor | None = None, align: int = 1,
-                                   num_warps: int | None = None, words: bool = True
-                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                                   num_warps: int | None = None, words: bool = True,
+                                   group_t: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = q.shape
     KB = K // TILE
     G = None if offs is None else offs.numel()
@@ -249,16 +346,20 @@ def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
     # Every (slot, block) program writes its 128 scale entries, empty slots included.
     sT = torch.empty(K, T, dtype=torch.float32, device=q.device)
     og, G, grouped, gb = _groups(offs, q.device)
-    words = words and PM % 4 == 0 and PM > 0  # an int32 view of [K, 0] bytes fails
-    # H100, DeepSeek-V3 [P, 7168]: words 4 warps 0.76 ms, 8 warps 1.02; bytes 8 warps 1.01,
-    # 4 warps 2.05.
-    num_warps = num_warps or (4 if words else 8)
+    # int32 views: of [K, 0] bytes one fails; q's rows are whole words (K % 128 == 0)
+    words = words and PM % 4 == 0 and PM > 0 and q.data_ptr() % 4 == 0 and M > 0
+    # H100, DeepSeek-V3 [66016, 7168]: words 16 warps 0.455 ms, 8 warps 0.46-0.49, 4 warps
+    # 0.50-0.51; bytes 8 warps 0.53. group_t (the launch order in bands, quantize.raster): the
+    # plain order was fastest (bands of 8-32 slots 0.52-0.55 ms with 4-8 warps).
+    num_warps = num_warps or 16
     if T and KB:
         qt8 = qT.view(torch.uint8)
-        _transpose_kernel[(T, KB)](q.view(torch.uint8), s, qt8,
-                                   qt8.view(torch.int32) if words else qt8, sT, og, G, M, PM, K,
-                                   KB, T, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb, WORDS=words,
-                                   ALIGN=align, num_warps=num_warps)
+        q8 = q.view(torch.uint8)
+        _transpose_kernel[(T * KB,)](
+            q8, q8.view(torch.int32) if words else q8, s, qt8,
+            qt8.view(torch.int32) if words else qt8, sT, og, G, M, PM, K, KB, T, TILE_=TILE,
+            GROUPED=grouped, G_BLOCK=gb, WORDS=words, ALIGN=align, GROUP_T=min(group_t, T),
+            num_warps=num_warps)
     return qT, sT
 
 
