@@ -71,6 +71,13 @@ def make_dy(P, N, seed, dtype=torch.float32):
     return heavy((P, N), gen(seed)).to(dtype)
 
 
+def backward_inputs(P, N, seed, kind, dtype, with_probs, pad):
+    """(h, probs or None, dy) of a backward case, from seeds seed, seed + 1 and seed + 2."""
+    h = make_h(P, N, seed, kind, dtype)
+    probs = make_probs(P, seed + 1, pad=pad) if with_probs else None
+    return h, probs, make_dy(P, N, seed + 2, dtype)
+
+
 def same_bytes(a, b):
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -273,9 +280,7 @@ BACKWARD_CASES = [("heavy", torch.bfloat16, True), ("large", torch.float32, True
 @pytest.mark.parametrize("kind, dtype, with_probs", BACKWARD_CASES)
 def test_swiglu_quant_backward_triton_matches_torch_bytes(kind, dtype, with_probs):
     P, N = 45, 384
-    h = make_h(P, N, 8, kind, dtype)
-    probs = make_probs(P, 9, pad=5) if with_probs else None
-    dy = make_dy(P, N, 10, dtype)
+    h, probs, dy = backward_inputs(P, N, 8, kind, dtype, with_probs, pad=5)
     v = torch.empty(P, 2 * N)
     q, s, dp = S.swiglu_quant_backward_triton(dy, h, probs, value_out=v)
     dh_ref, dp_ref = S.swiglu_backward_ref(dy, h, probs)
@@ -322,9 +327,7 @@ def test_backward_from_fp8_h_is_the_backward_of_its_value(impl, kind, dtype, wit
     the float64 bound then holds against that h. What the copy costs is h's own rounding, at
     most 2^-4 relative per element (checked in the layer tests)."""
     P, N = 45, 384
-    h = make_h(P, N, 42, kind, dtype)
-    probs = make_probs(P, 43, pad=5) if with_probs else None
-    dy = make_dy(P, N, 44, dtype)
+    h, probs, dy = backward_inputs(P, N, 42, kind, dtype, with_probs, pad=5)
     hq, hs = quantize_1x128_ref(h.float())
     h_deq = dequantize_1x128_ref(hq, hs, None, torch.float32)
     if impl == "ref":
@@ -504,9 +507,7 @@ def test_gpu_swiglu_quant_matches_reference(kind, dtype, with_probs):
 @pytest.mark.parametrize("kind, dtype, with_probs", BACKWARD_CASES)
 def test_gpu_swiglu_quant_backward_matches_reference(kind, dtype, with_probs):
     P, N = 1000, 1024
-    h = make_h(P, N, 22, kind, dtype)
-    probs = make_probs(P, 23, pad=24) if with_probs else None
-    dy = make_dy(P, N, 24, dtype)
+    h, probs, dy = backward_inputs(P, N, 22, kind, dtype, with_probs, pad=24)
     pc = None if probs is None else probs.cuda()
     q, s, dp = torch.ops.fp8flow.swiglu_quant_backward(dy.cuda(), h.cuda(), pc)
     v = torch.empty(P, 2 * N, device="cuda")
@@ -527,9 +528,7 @@ def test_gpu_swiglu_quant_backward_matches_reference(kind, dtype, with_probs):
 @pytest.mark.parametrize("kind, dtype, with_probs", BACKWARD_CASES)
 def test_gpu_fp8_h_save_and_backward(kind, dtype, with_probs):
     P, N = 1000, 1024
-    h = make_h(P, N, 45, kind, dtype)
-    probs = make_probs(P, 46, pad=24) if with_probs else None
-    dy = make_dy(P, N, 47, dtype)
+    h, probs, dy = backward_inputs(P, N, 45, kind, dtype, with_probs, pad=24)
     pc = None if probs is None else probs.cuda()
     q, s, hq, hs = torch.ops.fp8flow.swiglu_quant_save(h.cuda(), pc)
     q0, s0 = torch.ops.fp8flow.swiglu_quant(h.cuda(), pc)
