@@ -37,8 +37,10 @@ from fp8flow_compile.kernels import permute as PM  # noqa: E402
 from fp8flow_compile.kernels import quantize as Q  # noqa: E402
 from fp8flow_compile.kernels import swiglu as SW  # noqa: E402
 from fp8flow_compile.kernels import transpose as TR  # noqa: E402
+from fp8flow_compile.recipe import BLOCKWISE  # noqa: E402
 
 ops = torch.ops.fp8flow
+GA = BLOCKWISE.group_align  # the aligned group layout of the column-wise producers
 ROWS: list[tuple] = []
 
 
@@ -123,23 +125,27 @@ def main():
             T * H + P * H + (T + P) * H // 32, bw,
             same_bytes(xq_p, r[0]) and torch.equal(xs_p, r[1]))
 
+    # The column-wise producers as the flow and the naive mode call them: the aligned group
+    # layout (align 16, every group on a 16-token boundary, zero tail), which is 480 columns
+    # wider than P here; bytes counted as read + written.
     xp_bf = PM.permute_pad_ref(x, maps.src_row)
-    qT, sT = ops.quantize_1x128_col(xp_bf, offs)
-    r = Q.quantize_1x128_col_ref(xp_bf, offs)
-    mem_row("quantize_1x128_col [P,H] (naive)", lambda: ops.quantize_1x128_col(xp_bf, offs),
-            P * H * 3 + P * H // 32, bw, same_bytes(qT, r[0]) and torch.equal(sT, r[1]))
+    qT, sT = ops.quantize_1x128_col(xp_bf, offs, GA)
+    r = Q.quantize_1x128_col_ref(xp_bf, offs, GA)
+    mem_row("quantize_1x128_col [P,H] (naive)", lambda: ops.quantize_1x128_col(xp_bf, offs, GA),
+            P * H * 2 + qT.numel() + sT.numel() * 4, bw,
+            same_bytes(qT, r[0]) and torch.equal(sT, r[1]))
 
-    tq, ts = ops.scaling_aware_transpose(xq_p, xs_p, offs)
-    r = TR.scaling_aware_transpose_ref(xq_p, xs_p, offs)
-    mem_row("scaling_aware_transpose [P,H]", lambda: ops.scaling_aware_transpose(xq_p, xs_p, offs),
-            2 * P * H + P * H // 32 + ts.numel() * 4, bw,
+    tq, ts = ops.scaling_aware_transpose(xq_p, xs_p, offs, GA)
+    r = TR.scaling_aware_transpose_ref(xq_p, xs_p, offs, GA)
+    t_bytes = P * H + P * H // 32 + tq.numel() + ts.numel() * 4
+    mem_row("scaling_aware_transpose [P,H]",
+            lambda: ops.scaling_aware_transpose(xq_p, xs_p, offs, GA), t_bytes, bw,
             same_bytes(tq, r[0]) and torch.equal(ts, r[1]))
 
     def deq_requant():
         d = ops.dequantize_1x128(xq_p, xs_p, None, torch.bfloat16)
-        return ops.quantize_1x128_col(d, offs)
-    mem_row("  peer: dequantize + quantize_col", deq_requant, 2 * P * H + P * H // 32
-            + ts.numel() * 4, bw, "-")
+        return ops.quantize_1x128_col(d, offs, GA)
+    mem_row("  peer: dequantize + quantize_col", deq_requant, t_bytes, bw, "-")
 
     h = torch.randn(P, 2 * I, device=dev, dtype=torch.bfloat16)
     probs_p = torch.rand(P, device=dev)

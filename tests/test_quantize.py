@@ -92,6 +92,36 @@ def test_nan_and_inf_become_nan_and_do_not_touch_scale():
     assert torch.equal(s, Q.quantize_1x128_ref(clean)[1])
 
 
+def with_non_finite(x):
+    """x with NaN, +-Inf and a negative NaN spread over rows, columns and tiles."""
+    x = x.clone()
+    x[3, 5] = float("nan")
+    x[7, 9] = float("inf")
+    x[130, 2] = -float("inf")
+    x[-1, -1] = -float("nan")
+    x[64:68, 40] = float("inf")  # four rows that share one word of the column-wise form
+    return x
+
+
+# The column-wise form's layouts: plain (words, a bytes path for groups off 4-column
+# boundaries), aligned (words only), no groups (words only).
+COL_LAYOUTS = [(None, 1), ([50, 50, 201, 290], 1), ([50, 50, 201, 290], 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("offs, align", COL_LAYOUTS)
+def test_quantize_1x128_col_non_finite_bytes(dtype, offs, align):
+    """NaN and +-Inf (either sign) become the byte 0x7F and stay out of their column's scale,
+    in every layout the column-wise kernel has a path for."""
+    x = with_non_finite(heavy((292, 136), 14, torch.float32).to(dtype))
+    o = None if offs is None else torch.tensor(offs, dtype=torch.int32)
+    q1, s1 = Q.quantize_1x128_col_ref(x, o, align)
+    q2, s2 = Q.quantize_1x128_col_triton(x, o, align)
+    assert same_bytes(q1, q2) and torch.equal(s1, s2)
+    covered = x if o is None else x[:int(o[-1])]  # rows past the last group are not quantized
+    assert (q1.view(torch.uint8) == 0x7F).sum() == (~covered.isfinite()).sum() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_quantize_1x128_triton_bit_exact(dtype):
     x = heavy((70, 300), 4, dtype if dtype != torch.float16 else torch.float32).to(dtype)
@@ -191,6 +221,38 @@ def test_pad_offsets_kernel_matches_torch():
                                  for i in range(len(sizes))]
 
 
+@pytest.mark.parametrize("offs", [[17, 17, 150, 290], [0, 64, 64, 300], [300, 0, 300],
+                                  [-4, 40, 500]])
+@pytest.mark.parametrize("align", [1, 16])
+def test_tile_table_matches_the_host_tile_bounds(offs, align):
+    """tile_table (what the column-wise producers' programs read): the slots that hold data
+    have the host's tile bounds, as output slots of the layout's group ends and as input rows
+    of the plain layout; the other slots read nothing, and together all slots write every
+    output column exactly once (the tail past the last group gets zero bytes)."""
+    M = 300
+    o = torch.tensor(offs, dtype=torch.int32)
+    W = G.aligned_width(M, len(offs), align)
+    T = G.max_tiles(W, len(offs))
+    table = Q.tile_table(o, M, W, T, align)
+    assert table.shape == (T, 4) and table.dtype == torch.int32
+    ends = G.pad_offsets(o, align) if align > 1 else o
+    ostart, oend = G.tile_bounds(ends, W)
+    istart, iend = G.tile_bounds(o, M)
+    for t, (a, b, oa, ob) in enumerate(table.tolist()):
+        if b > a:  # a slot with data: the host's bounds, and no more rows than output slots
+            assert (oa, ob) == (int(ostart[t]), int(oend[t])) and b - a <= ob - oa <= 128
+            assert (a, b) == (int(istart[t]), int(iend[t]))
+        else:
+            assert (a, b) == (0, 0)
+    if align == 1 and offs != sorted(offs):
+        return  # the plain layout reads decreasing ends as torch._grouped_mm would: overlaps
+    written = torch.cat([torch.arange(oa, ob) for _, _, oa, ob in table.tolist()])
+    assert torch.equal(written.sort().values, torch.arange(W))
+    last = max(0, min(max(offs), M))  # every row of every group is read exactly once
+    read = torch.cat([torch.arange(a, b) for a, b, _, _ in table.tolist()])
+    assert torch.equal(read.sort().values, torch.arange(last))
+
+
 @pytest.mark.parametrize("offs", [[100, 50, 300], [5, 3, 9, 20], [300, 0, 300], [-4, 40, 500]])
 @pytest.mark.parametrize("align", [1, 16])
 def test_quantize_1x128_col_offsets_out_of_order_or_range(offs, align):
@@ -280,6 +342,22 @@ def test_custom_ops_registered_and_traceable():
 def test_bad_input_names_the_constraint(bad, match):
     with pytest.raises(Fp8Unsupported, match=match):
         bad()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("offs, align", COL_LAYOUTS)
+def test_gpu_quantize_non_finite_bytes(dtype, offs, align):
+    """The compiled kernels' conversions give the reference's NaN byte for NaN and +-Inf of
+    either sign, row-wise and column-wise."""
+    x = with_non_finite(heavy((292, 136), 14, torch.float32).to(dtype))
+    o = None if offs is None else torch.tensor(offs, dtype=torch.int32)
+    q, s = torch.ops.fp8flow.quantize_1x128_col(x.cuda(), None if o is None else o.cuda(), align)
+    q2, s2 = Q.quantize_1x128_col_ref(x, o, align)
+    assert same_bytes(q.cpu(), q2) and torch.equal(s.cpu(), s2)
+    q, s = torch.ops.fp8flow.quantize_1x128(x.cuda())
+    q2, s2 = Q.quantize_1x128_ref(x)
+    assert same_bytes(q.cpu(), q2) and torch.equal(s.cpu(), s2)
 
 
 @pytest.mark.gpu

@@ -117,6 +117,30 @@ def encode_e4m3(y, finite):
 
 
 @triton.jit
+def encode_e4m3x4(y0, y1, y2, y3, f0, f1, f2, f3):
+    """encode_e4m3 of four fp32 tiles packed into int32 words, y0's byte lowest: y_i's byte is
+    0x7F (NaN) where f_i is False. Compiled: two `cvt.rn.satfinite.e4m3x2.f32` give the four
+    bytes (NaN converts to 0x7F); interpreted: encode_e4m3 per tile."""
+    if HW_CAST:
+        nan = float("nan")
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b16 lo, hi;
+            cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;
+            cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;
+            mov.b32 $0, {lo, hi};
+            }""",
+            "=r,f,f,f,f", [tl.where(f0, y0, nan), tl.where(f1, y1, nan), tl.where(f2, y2, nan),
+                           tl.where(f3, y3, nan)],
+            dtype=tl.int32, is_pure=True, pack=1)
+    # encode_e4m3 reads the sign of y where `finite` is False: those lanes become +0 first
+    word = encode_e4m3(tl.where(f0, y0, 0.0), f0)
+    word |= encode_e4m3(tl.where(f1, y1, 0.0), f1) << 8
+    word |= encode_e4m3(tl.where(f2, y2, 0.0), f2) << 16
+    return word | (encode_e4m3(tl.where(f3, y3, 0.0), f3) << 24)
+
+
+@triton.jit
 def store_quantized_rows(x, q_ptrs, s_ptrs, mask, rmask):
     """Quantize an fp32 tile with one scale per row (1x128 along its columns) and store the
     bytes at q_ptrs (an E4M3 tensor seen as uint8) and the row scales at s_ptrs."""

@@ -57,7 +57,7 @@ from .groups import (
     pad_offsets,
     tile_bounds,
 )
-from .quantize import _groups, check_align, raster, tile_ranges
+from .quantize import check_align, raster, slot_ranges, tile_table
 
 _OP = "scaling_aware_transpose"
 
@@ -304,18 +304,19 @@ def _transpose_words(q32_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live, P
 
 
 @triton.jit
-def _transpose_kernel(q_ptr, q32_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, offs_ptr, G, M, PM, K, KB,
-                      T, TILE_: tl.constexpr, GROUPED: tl.constexpr, G_BLOCK: tl.constexpr,
-                      WORDS: tl.constexpr, ALIGN: tl.constexpr, GROUP_T):
+def _transpose_kernel(q_ptr, q32_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, table_ptr, M, PM, K, KB,
+                      T, TILE_: tl.constexpr, GROUPED: tl.constexpr, WORDS: tl.constexpr,
+                      GROUP_T):
     # One program per (tile slot t, column block kb): reads q[start:end, block] and s[rows, kb],
     # writes qT[block, ostart:oend] and sT[block, t]. The output range is the input range
-    # (ALIGN == 1) or its place in the aligned layout (kernels.groups), padding included. The
-    # rows past offs[-1] come as slots of their own that read nothing: zero bytes, scale 1.
-    # WORDS (PM a multiple of 4): tiles on 4-column boundaries store int32 words, else bytes.
-    # (Two column blocks per program measured slower on the H100: 0.48 against 0.46 ms.)
+    # or its place in the aligned layout (kernels.groups), padding included: grouped, read
+    # from tile_table. The rows past offs[-1] come as slots of their own that read nothing:
+    # zero bytes, scale 1. WORDS (PM a multiple of 4): tiles on 4-column boundaries store int32
+    # words, else bytes. (On the H100 two column blocks per program measured slower, 0.48
+    # against 0.46 ms; so did a words-only kernel for the aligned layout, 0.46 against 0.42
+    # ms: ptxas gave it 32 registers, four programs of 16 warps per SM instead of three.)
     t, kb = raster(tl.program_id(0), T, KB, GROUP_T)
-    start, end, ostart, oend, live = tile_ranges(offs_ptr, G, t, M, PM, TILE_, GROUPED,
-                                                 G_BLOCK, ALIGN)
+    start, end, ostart, oend, live = slot_ranges(table_ptr, t, M, TILE_, GROUPED)
     cols = kb * TILE_ + tl.arange(0, TILE_)
     if WORDS:
         if (ostart % 4 == 0) & (oend % 4 == 0):
@@ -345,21 +346,22 @@ def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
     qT = torch.empty(K, PM, dtype=FP8, device=q.device)
     # Every (slot, block) program writes its 128 scale entries, empty slots included.
     sT = torch.empty(K, T, dtype=torch.float32, device=q.device)
-    og, G, grouped, gb = _groups(offs, q.device)
+    grouped = offs is not None
     # int32 views: of [K, 0] bytes one fails; q's rows are whole words (K % 128 == 0)
     words = words and PM % 4 == 0 and PM > 0 and q.data_ptr() % 4 == 0 and M > 0
-    # H100, DeepSeek-V3 [66016, 7168]: words 16 warps 0.455 ms, 8 warps 0.46-0.49, 4 warps
-    # 0.50-0.51; bytes 8 warps 0.53. group_t (the launch order in bands, quantize.raster): the
-    # plain order was fastest (bands of 8-32 slots 0.52-0.55 ms with 4-8 warps).
+    # H100, DeepSeek-V3 [66016, 7168] in the aligned layout: 16 warps 0.42 ms with the tile
+    # table (0.51 ms searching the groups in every program), 8 warps 0.49, 4 warps 0.51.
+    # group_t (the launch order in bands, quantize.raster): the plain order was fastest
+    # (bands of 8 or 32 slots 0.51 / 0.49 ms).
     num_warps = num_warps or 16
     if T and KB:
         qt8 = qT.view(torch.uint8)
         q8 = q.view(torch.uint8)
+        table = tile_table(offs, M, PM, T, align) if grouped else sT
         _transpose_kernel[(T * KB,)](
             q8, q8.view(torch.int32) if words else q8, s, qt8,
-            qt8.view(torch.int32) if words else qt8, sT, og, G, M, PM, K, KB, T, TILE_=TILE,
-            GROUPED=grouped, G_BLOCK=gb, WORDS=words, ALIGN=align, GROUP_T=min(group_t, T),
-            num_warps=num_warps)
+            qt8.view(torch.int32) if words else qt8, sT, table, M, PM, K, KB, T, TILE_=TILE,
+            GROUPED=grouped, WORDS=words, GROUP_T=min(group_t, T), num_warps=num_warps)
     return qT, sT
 
 
