@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 _LAST = Report()
 _KNOWN = {"flow", "inner", "fp8_router", "include", "exclude", "fp8_min_intensity",
-          "fp8_swiglu_input"}
+          "fp8_swiglu_input", "probs_in_swiglu"}
 
 
 def last_report() -> Report:

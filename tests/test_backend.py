@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from torch import nn
 
 import fp8flow_compile as ff
@@ -268,3 +269,86 @@ def test_dynamic_token_count_saves_what_a_static_one_saves(moe_setup):
         return sorted(got, key=str)
 
     assert saved(True) == saved(False)
+
+
+def _after_graph():
+    """The rewritten joint graph of the experts (the graph holding the grouped GEMMs)."""
+    for r in ff.last_report().records:
+        gm = r.graphs["after"]
+        if any(n.target is torch.ops.fp8flow.index_add_rows.default for n in gm.graph.nodes):
+            return r, gm
+    raise AssertionError("no graph with the combine")
+
+
+def test_probs_move_into_the_swiglu(moe_setup):
+    """The routing weight is applied in the SwiGLU (FP8-Flow-MoE's probs * SwiGLU + quantize)
+    instead of on the FC2 output: the FC2 output is no longer saved for the backward (2 P H
+    bytes of BF16 fewer), the output gradient is quantized once per token and gathered in FP8,
+    the weight's gradient comes from the SwiGLU backward; all within FP8 error of float32."""
+    ref, bf, x, gy = moe_setup
+    y32, dx32, g32 = fwd_bwd(ref, x, gy)
+    ops = torch.ops.fp8flow
+
+    def run(flag):
+        out = fwd_bwd(compiled(copy.deepcopy(bf), inner="eager", probs_in_swiglu=flag),
+                      x.bfloat16(), gy.bfloat16())
+        return out, *_after_graph()
+
+    (y, dx, g), rec, gm = run(True)
+    (y0, dx0, g0), rec0, gm0 = run(False)
+    assert any(line.startswith("probs: ") for line in rec.log)
+    assert not any(line.startswith("probs: ") for line in rec0.log)
+    for graph, moved in ((gm, True), (gm0, False)):
+        nodes = list(graph.graph.nodes)
+        sw = [n for n in nodes if n.target is ops.swiglu_quant_save.default]
+        bw = [n for n in nodes if n.target is ops.swiglu_quant_backward.default]
+        fwd_combine = [n for n in nodes if n.target is ops.index_add_rows.default
+                       and n.args[1].op == "placeholder" and not n.args[5]]
+        assert len(sw) == len(bw) == len(fwd_combine) == 1
+        assert (sw[0].args[1] is not None) == moved and (bw[0].args[2] is not None) == moved
+        assert (fwd_combine[0].args[3] is None) == moved
+        # the backward gathers the FP8 output gradient (and the forward the FP8 input)
+        perms = [n for n in nodes if n.target is ops.permute_pad_fp8.default]
+        assert len(perms) == (2 if moved else 1)
+    P, H = x.shape[0] * bf.top_k, bf.hidden
+    after, before = rec.saved_bytes["fp8flow"], rec0.saved_bytes["fp8flow"]
+    assert before["bfloat16"] - after["bfloat16"] == 2 * P * H
+    assert not torch.equal(y, y0)  # the forward really quantized w * SwiGLU(h)
+    assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
+    for n in ("w13", "w2", "router.weight"):
+        assert rel(g[n], g32[n]) < FP8_REL, n
+
+
+class MoEReadsY(MoE):
+    """The combine's rows are read once more (a mean over tokens added to the output), so the
+    FC2 output has a reader besides the combine and the weight's gradient."""
+
+    def forward(self, x):
+        topw, topi = self.route(x)
+        flat = topi.flatten()
+        order = flat.argsort(stable=True)
+        token = order // self.top_k
+        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(x[token], self.w13.transpose(-2, -1), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=offs)
+        out = torch.zeros_like(x).index_add_(0, token,
+                                             y * topw.flatten()[order].unsqueeze(-1).to(y.dtype))
+        return out + y.mean(0)
+
+
+def test_probs_stay_after_fc2_when_its_output_has_other_readers(moe_setup):
+    ref32, bf, x, gy = moe_setup
+    ref = MoEReadsY(bf.hidden, bf.inter, bf.num_experts, bf.top_k, dtype=torch.float32)
+    ref.load_state_dict(ref32.state_dict())
+    m = MoEReadsY(bf.hidden, bf.inter, bf.num_experts, bf.top_k)
+    m.load_state_dict(bf.state_dict())
+    y32, dx32, g32 = fwd_bwd(ref, x, gy)
+    y, dx, g = fwd_bwd(compiled(m, inner="eager"), x.bfloat16(), gy.bfloat16())
+    rec, gm = _after_graph()
+    assert any(line.startswith("probs: ") and "kept after FC2" in line for line in rec.log)
+    sw = [n for n in gm.graph.nodes if n.target is torch.ops.fp8flow.swiglu_quant_save.default]
+    assert len(sw) == 1 and sw[0].args[1] is None
+    assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
+    for n in ("w13", "w2", "router.weight"):
+        assert rel(g[n], g32[n]) < FP8_REL, n

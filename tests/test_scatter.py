@@ -202,7 +202,9 @@ def test_layer_numerics_with_and_without_combine(monkeypatch):
         torch._dynamo.reset()
         mm = copy.deepcopy(m)
         xr = x.clone().requires_grad_(True)
-        y = torch.compile(mm, backend="fp8flow", options={"inner": "eager"})(xr)
+        # flow_probs (which needs the rewritten combine) off in both: it changes FP8 rounding
+        y = torch.compile(mm, backend="fp8flow",
+                          options={"inner": "eager", "probs_in_swiglu": False})(xr)
         y.backward(gy)
         return y.float(), xr.grad.float(), mm.w2.grad.float()
 

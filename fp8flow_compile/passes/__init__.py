@@ -3,6 +3,7 @@
 Order on the joint graph: find_gemms -> insert_qdq (the naive FP8 graph, counted) ->
 flow_reuse -> flow_hoist -> flow_fuse -> dedupe (counted again) -> flow_save (the backward keeps
 the SwiGLU input in FP8) -> flow_combine (the MoE combine's scatter-adds, no casts involved) ->
+flow_probs (the routing weight moves into the SwiGLU; the FC2 output gradient is gathered in FP8) ->
 flow_recompute (the backward gathers FP8 rows again rather than keeping them).
 """
 
@@ -19,6 +20,7 @@ from . import (
     flow_combine,
     flow_fuse,
     flow_hoist,
+    flow_probs,
     flow_recompute,
     flow_reuse,
     flow_save,
@@ -26,7 +28,8 @@ from . import (
 )
 from .graph import Ctx, backward_nodes
 
-FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_save, flow_combine, flow_recompute)
+FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_save, flow_combine, flow_probs,
+        flow_recompute)
 
 
 def _phase_counts(gm: fx.GraphModule, bwd: set) -> dict[str, dict[str, int]]:

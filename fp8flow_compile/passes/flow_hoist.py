@@ -70,6 +70,32 @@ def _quant_rows(gm: fx.GraphModule, x: fx.Node):
     return quantize(gm, ops.quantize_1x128.default, x, None, "act")
 
 
+def hoist_gather(gm: fx.GraphModule, n: fx.Node, ctx: Ctx) -> bool:
+    """`quantize_1x128(x[idx])` at n -> `permute_pad_fp8(quantize_1x128(x), idx)`; whether it
+    was one (a row gather of a contiguous 2-D tensor)."""
+    moved = n.args[0].name
+    g = _row_gather(n.args[0])
+    if g is None:
+        return False
+    src, idx = g
+    if not val(src).is_contiguous():
+        return False
+    with gm.graph.inserting_before(n):
+        sq, ss = _quant_rows(gm, src)
+        # permute_pad_fp8 reads a negative index as a padding row; torch wraps it.
+        rows = val(src).shape[0]
+        if not isinstance(rows, int):  # dynamic token count: read it from the graph
+            rows = call(gm, aten.sym_size.int, (src, 0))
+        wrapped = call(gm, aten.where.self, (
+            call(gm, aten.lt.Scalar, (idx, 0)), call(gm, aten.add.Tensor, (idx, rows)), idx))
+        idx32 = call(gm, prims.convert_element_type.default, (wrapped, torch.int32))
+        pq, ps = call_multi(gm, ops.permute_pad_fp8.default, (sq, ss, idx32), 2,
+                            name=f"perm_{src.name}")
+    replace_outputs(gm, n, [pq, ps])
+    ctx.log.append(f"hoist: quantization of {moved} moved above the row gather of {src.name}")
+    return True
+
+
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     # Tensors some GEMM already reads in row-wise FP8: a concatenation of those is made from
     # their FP8 forms (dedupe merges the quantizations), so hoisting adds no cast.
@@ -91,26 +117,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             ctx.log.append(f"hoist: quantization of {moved} moved above the row concatenation "
                            f"of {', '.join(p.name for p in parts)}")
             continue
-        g = _row_gather(n.args[0])
-        if g is None:
-            continue
-        src, idx = g
-        if not val(src).is_contiguous():
-            continue
-        with gm.graph.inserting_before(n):
-            sq, ss = _quant_rows(gm, src)
-            # permute_pad_fp8 reads a negative index as a padding row; torch wraps it.
-            rows = val(src).shape[0]
-            if not isinstance(rows, int):  # dynamic token count: read it from the graph
-                rows = call(gm, aten.sym_size.int, (src, 0))
-            wrapped = call(gm, aten.where.self, (
-                call(gm, aten.lt.Scalar, (idx, 0)), call(gm, aten.add.Tensor, (idx, rows)), idx))
-            idx32 = call(gm, prims.convert_element_type.default, (wrapped, torch.int32))
-            pq, ps = call_multi(gm, ops.permute_pad_fp8.default, (sq, ss, idx32), 2,
-                                name=f"perm_{src.name}")
-        replace_outputs(gm, n, [pq, ps])
-        ctx.log.append(f"hoist: quantization of {moved} moved above the row gather "
-                       f"of {src.name}")
+        hoist_gather(gm, n, ctx)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

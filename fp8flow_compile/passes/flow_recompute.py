@@ -20,6 +20,8 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from .graph import Ctx, forward_required, size_hint, val
 
+aten = torch.ops.aten
+prims = torch.ops.prims
 ops = torch.ops.fp8flow
 
 
@@ -33,6 +35,28 @@ def _nbytes(v) -> int:
 
 def _fmt(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+_INDEX_OPS = {aten.lt.Scalar, aten.add.Tensor, aten.add.Scalar, aten.where.self,
+              prims.convert_element_type.default}
+
+
+def _index_chain(idx: fx.Node) -> list[fx.Node]:
+    """The elementwise nodes that make the gather's index from graph inputs (flow_hoist's
+    wrap of negative indices and its int32 cast), or [] if it is made otherwise. They are
+    recomputed with the gather, so the backward keeps the token index it needs anyway rather
+    than one more index (which one the partitioner would keep differs between static and
+    dynamic shapes)."""
+    chain, todo = [], [idx]
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder" or n in chain or n.target is aten.sym_size.int:
+            continue  # a size (dynamic shapes) reaches the backward as a symbol, not a tensor
+        if n.op != "call_function" or n.target not in _INDEX_OPS:
+            return []
+        chain.append(n)
+        todo.extend(n.all_input_nodes)
+    return chain
 
 
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
@@ -49,7 +73,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         size_out = _nbytes(val(n))
         if size_out <= size_in:
             continue
-        for m in (n, *outs):
+        for m in (n, *outs, *_index_chain(n.args[2])):
             m.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         ctx.log.append(f"recompute: {n.name} (permute_pad_fp8, {_fmt(size_out)} out from "
                        f"{_fmt(size_in)} in) is gathered again in the backward instead of saved")
