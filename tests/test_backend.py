@@ -352,3 +352,32 @@ def test_probs_stay_after_fc2_when_its_output_has_other_readers(moe_setup):
     assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
     for n in ("w13", "w2", "router.weight"):
         assert rel(g[n], g32[n]) < FP8_REL, n
+
+
+class FixedRouteMoE(MoE):
+    """Routing given from outside (buffers): the weights need no gradient, so the backward has
+    no dw = sum(G * y, -1) and y is read by the combine alone."""
+
+    def route(self, x):
+        return self.topw, self.topi
+
+
+def test_probs_move_with_a_fixed_routing(moe_setup):
+    ref32, bf, x, gy = moe_setup
+    topw, topi = ref32.route(x)
+    mods = []
+    for m0, dt in ((ref32, torch.float32), (bf, torch.bfloat16)):
+        m = FixedRouteMoE(bf.hidden, bf.inter, bf.num_experts, bf.top_k, dtype=dt)
+        m.load_state_dict(m0.state_dict())
+        m.register_buffer("topw", topw.detach().to(dt))
+        m.register_buffer("topi", topi)
+        mods.append(m)
+    y32, dx32, g32 = fwd_bwd(mods[0], x, gy)
+    y, dx, g = fwd_bwd(compiled(mods[1], inner="eager"), x.bfloat16(), gy.bfloat16())
+    rec, gm = _after_graph()
+    assert any(line.startswith("probs: ") and "moved" in line for line in rec.log)
+    perms = [n for n in gm.graph.nodes if n.target is torch.ops.fp8flow.permute_pad_fp8.default]
+    assert len(perms) == 2
+    assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
+    for n in ("w13", "w2"):
+        assert rel(g[n], g32[n]) < FP8_REL, n

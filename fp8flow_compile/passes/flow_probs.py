@@ -9,7 +9,8 @@ the routing probability,
 and the backward derives from it, through the product rule,
 
     dY = w * G          (G = dout[idx], the gradient of the combine's rows) -> FC2 dgrad, wgrad
-    dw = sum(G * y, 1)  (which keeps y, [P, H], alive for the backward)
+    dw = sum(G * y, 1)  (which keeps y, [P, H], alive for the backward; absent when the
+                         weight needs no gradient, e.g. a fixed routing)
 
 the graph becomes what the paper's flow computes (FP8-Flow-MoE: "probs * SwiGLU + quantize"):
 
@@ -26,7 +27,8 @@ shapes that is 946 MB of y saved for the backward, and a gather-weight-reduce pa
 quantization over [P, H] BF16 replaced by a quantization of dout [T, H] and an FP8 row gather.
 
 Taken only when every piece is there and nothing else reads what goes away: y is read by the
-combine and by the dw product alone; the weighted gradient only by its row-wise quantization,
+combine and (if at all) by the dw product alone; the weighted gradient only by its row-wise
+quantization,
 which feeds the FC2 dgrad; that dgrad feeds the SwiGLU's fused backward of the same h; the
 SwiGLU takes no weight yet. Anything else is left as it was, with the reason in the log. Off
 with `options["probs_in_swiglu"] = False`.
@@ -97,41 +99,41 @@ def _match(c: fx.Node, why: list[str]):
                                                                 torch.float32):
         why.append(f"the weight {w.name} is not one value per row of {y.name}")
         return None
-    others = [u for u in y.users if u is not c]
-    if len(others) != 1:
-        why.append(f"{y.name} is read by {len(others)} nodes besides the combine, not by the "
-                   f"weight's gradient alone")
-        return None
-    m2 = others[0]
-    g = _other(m2, y)
-    if g is None or len(m2.users) != 1 or not _row_sum(next(iter(m2.users))):
-        why.append(f"{m2.name} is not the weight's gradient sum(G * {y.name}, -1)")
-        return None
-    dw = next(iter(m2.users))
-    m3 = [u for u in g.users if u is not m2 and _other(u, g) is w]
-    if len(m3) != 1:
-        why.append(f"no single weighted gradient {g.name} * {w.name}")
-        return None
-    m3 = m3[0]
-    qs = list(m3.users)
-    if len(qs) != 1 or qs[0].target is not ops.quantize_1x128.default or (
-            len(qs[0].args) > 1 and qs[0].args[1] is not None):
-        why.append(f"the weighted gradient {m3.name} is read other than by one row-wise "
-                   f"quantization")
-        return None
-    q = qs[0]
-    dq = _output(q, 0)
-    dgrads = [u for u in (dq.users if dq is not None else ()) if u.target in _GEMMS
-              and u.args[0] is dq]
     h_bwd = {swiglu.args[0], _output(swiglu, 2)} - {None}
-    bwd = [b for d in dgrads for b in d.users
-           if b.target is ops.swiglu_quant_backward.default and b.args[0] is d
-           and b.args[1] in h_bwd and (len(b.args) < 3 or b.args[2] is None)]
-    if len(dgrads) != 1 or len(bwd) != 1 or len(dgrads[0].users) != 1:
-        why.append(f"the FC2 dgrad of {m3.name} does not feed the fused SwiGLU backward of "
-                   f"{swiglu.args[0].name} alone")
+    # The weighted gradient dY = G * w: quantized row-wise for the FC2 dgrad alone, whose
+    # output the fused SwiGLU backward of the same h reads alone.
+    chain = None
+    for m3 in w.users:
+        g = _other(m3, w)
+        q = next(iter(m3.users)) if g is not None and len(m3.users) == 1 else None
+        if q is None or q.target is not ops.quantize_1x128.default or (
+                len(q.args) > 1 and q.args[1] is not None):
+            continue
+        dq = _output(q, 0)
+        dgrads = [u for u in (dq.users if dq is not None else ()) if u.target in _GEMMS
+                  and u.args[0] is dq]
+        bwd = [b for d in dgrads for b in d.users
+               if b.target is ops.swiglu_quant_backward.default and b.args[0] is d
+               and b.args[1] in h_bwd and (len(b.args) < 3 or b.args[2] is None)]
+        if len(dgrads) == 1 and len(bwd) == 1 and len(dgrads[0].users) == 1:
+            chain = g, m3, q, bwd[0]
+    if chain is None:
+        why.append(f"no gradient of {y.name} weighted by {w.name} that only the FC2 dgrad "
+                   f"reads, feeding the fused SwiGLU backward of {swiglu.args[0].name}")
         return None
-    return y, w, swiglu, g, m2, dw, m3, q, bwd[0]
+    g, m3, q, bwd = chain
+    # y's other reader, if the weight needs a gradient: dw = sum(G * y, -1)
+    others = [u for u in y.users if u is not c]
+    m2 = dw = None
+    if others:
+        m2 = others[0]
+        if (len(others) != 1 or _other(m2, y) is not g or len(m2.users) != 1
+                or not _row_sum(next(iter(m2.users)))):
+            why.append(f"{y.name} is read besides the combine, not only by the weight's "
+                       f"gradient sum(G * {y.name}, -1)")
+            return None
+        dw = next(iter(m2.users))
+    return y, w, swiglu, g, m2, dw, m3, q, bwd
 
 
 def _move_before(n: fx.Node, anchor: fx.Node, order: dict) -> None:
@@ -166,6 +168,29 @@ def _users_closure(n: fx.Node) -> set[fx.Node]:
     return out
 
 
+def _weight_gradient(gm: fx.GraphModule, bwd: fx.Node, dw: fx.Node, m2: fx.Node) -> None:
+    """Replace dw = sum(G * y, -1) by the SwiGLU backward's dprobs ([P] fp32) in dw's dtype and
+    shape [P, 1]; erase dw and the product."""
+    d = _output(bwd, 2)
+    if d is None:
+        with gm.graph.inserting_after(bwd):
+            d = gm.graph.call_function(operator.getitem, (bwd, 2))
+    d.meta["val"] = val(bwd)[2]
+    with gm.graph.inserting_after(d):
+        cast = call(gm, prims.convert_element_type.default, (d, val(dw).dtype))
+    with gm.graph.inserting_after(cast):
+        new_dw = call(gm, aten.unsqueeze.default, (cast, -1), name="dprobs")  # [P, 1]
+    # What reads the sum may come before the SwiGLU backward in the graph: those nodes move
+    # right after the new sum, in their order (their other inputs all come earlier).
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    early = sorted((n for n in _users_closure(dw) if order[n] < order[new_dw]),
+                   key=order.__getitem__)
+    dw.replace_all_uses_with(new_dw)
+    _move_after(early, new_dw)
+    gm.graph.erase_node(dw)
+    gm.graph.erase_node(m2)
+
+
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     if not ctx.options.get("probs_in_swiglu", True):
         return gm
@@ -190,29 +215,14 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         bwd.args = (bwd.args[0], bwd.args[1], probs, *bwd.args[3:])
         for n in (swiglu, c, q, bwd):
             _refresh(gm, n)
-        # dw from the SwiGLU backward ([P] fp32), in the dtype and shape of the sum it replaces
-        d = _output(bwd, 2)
-        if d is None:
-            with gm.graph.inserting_after(bwd):
-                d = gm.graph.call_function(operator.getitem, (bwd, 2))
-        d.meta["val"] = val(bwd)[2]
-        with gm.graph.inserting_after(d):
-            cast = call(gm, prims.convert_element_type.default, (d, val(dw).dtype))
-        with gm.graph.inserting_after(cast):
-            new_dw = call(gm, aten.unsqueeze.default, (cast, -1), name="dprobs")  # [P, 1]
-        # What reads the sum may come before the SwiGLU backward in the graph: those nodes move
-        # right after the new sum, in their order (their other inputs all come earlier).
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        early = sorted((n for n in _users_closure(dw) if order[n] < order[new_dw]),
-                       key=order.__getitem__)
-        dw.replace_all_uses_with(new_dw)
-        _move_after(early, new_dw)
-        for dead in (dw, m2, m3):
-            gm.graph.erase_node(dead)
+        if dw is not None:
+            _weight_gradient(gm, bwd, dw, m2)
+        gm.graph.erase_node(m3)
         # the unweighted gradient rows are a gather of dout: quantize dout, gather in FP8
         hoisted = flow_hoist.hoist_gather(gm, q, ctx)
         ctx.log.append(f"probs: the row weight {w.name} of {c.name} moved from the output of "
-                       f"{y.name} into {swiglu.name}; its gradient comes from {bwd.name}"
+                       f"{y.name} into {swiglu.name}"
+                       + (f"; its gradient comes from {bwd.name}" if dw is not None else "")
                        + ("; the FC2 output gradient is gathered in FP8" if hoisted else ""))
         changed = True
     if changed:
