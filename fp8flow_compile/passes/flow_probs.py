@@ -115,7 +115,11 @@ def _match(c: fx.Node, why: list[str]):
         bwd = [b for d in dgrads for b in d.users
                if b.target is ops.swiglu_quant_backward.default and b.args[0] is d
                and b.args[1] in h_bwd and (len(b.args) < 3 or b.args[2] is None)]
-        if len(dgrads) == 1 and len(bwd) == 1 and len(dgrads[0].users) == 1:
+        # the FP8 rows feed the dgrad and the transpose for the FC2 wgrad, nothing else
+        readers = {u for o in (dq, _output(q, 1)) if o is not None for u in o.users}
+        if (len(dgrads) == 1 and len(bwd) == 1 and len(dgrads[0].users) == 1
+                and all(u in dgrads or u.target is ops.scaling_aware_transpose.default
+                        for u in readers)):
             chain = g, m3, q, bwd[0]
     if chain is None:
         why.append(f"no gradient of {y.name} weighted by {w.name} that only the FC2 dgrad "
