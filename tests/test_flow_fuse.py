@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from test_backend import FP8_REL, compiled, fwd_bwd, rel
+from test_backend import FP8_REL, _after_graph, compiled, fwd_bwd, rel
 
 import fp8flow_compile as ff
 from examples.moe import MoE
@@ -22,9 +22,10 @@ H, I, E, K = 256, 128, 4, 2
 class Spelled(MoE):
     """The canonical layer with the SwiGLU and the routing weight written another way."""
 
-    def __init__(self, act: str, weight_before_down: bool = False, **kw):
+    def __init__(self, act: str, weight_before_down: bool = False, reads_y: bool = False,
+                 **kw):
         super().__init__(H, I, E, K, **kw)
-        self.act, self.weight_before_down = act, weight_before_down
+        self.act, self.weight_before_down, self.reads_y = act, weight_before_down, reads_y
 
     def swiglu(self, h):
         if self.act == "chunk":
@@ -67,15 +68,15 @@ class Spelled(MoE):
         if self.weight_before_down:
             a = a * w
         y = torch._grouped_mm(a, self.w2.transpose(-2, -1), offs=offs)
-        if not self.weight_before_down:
-            y = y * w
-        return torch.zeros_like(x).index_add_(0, token, y)
+        out = torch.zeros_like(x).index_add_(0, token, y if self.weight_before_down else y * w)
+        # reads_y: the FC2 output is read once more (its mean over rows added to the output)
+        return out + y.mean(0) if self.reads_y else out
 
 
-def _pair(act, weight_before_down=False):
+def _pair(act, weight_before_down=False, **kw):
     torch.manual_seed(0)
-    ref = Spelled(act, weight_before_down, dtype=torch.float32)
-    bf = Spelled(act, weight_before_down)
+    ref = Spelled(act, weight_before_down, dtype=torch.float32, **kw)
+    bf = Spelled(act, weight_before_down, **kw)
     bf.load_state_dict({n: p.bfloat16() for n, p in ref.state_dict().items()})
     return ref, bf
 
@@ -263,3 +264,19 @@ def test_fused_backward_when_the_input_needs_no_gradient():
     grads = {n.removeprefix("_orig_mod."): p.grad for n, p in c.named_parameters()}
     for n in ("w13", "w2"):
         assert rel(grads[n], dict(ref.named_parameters())[n].grad) < FP8_REL
+
+
+def test_probs_stay_after_fc2_when_its_output_has_other_readers():
+    """flow_probs leaves the routing weight after FC2 when the FC2 output has a reader besides
+    the combine and the weight's gradient, says so, and the layer stays right."""
+    ref, bf = _pair("chunk", reads_y=True)
+    x, gy = torch.randn(96, H), torch.randn(96, H)
+    y32, dx32, g32 = fwd_bwd(ref, x, gy)
+    y, dx, g = fwd_bwd(compiled(copy.deepcopy(bf), inner="eager"), x.bfloat16(), gy.bfloat16())
+    rec, gm = _after_graph()
+    assert any(line.startswith("probs: ") and "kept after FC2" in line for line in rec.log)
+    sw = [n for n in gm.graph.nodes if n.target is torch.ops.fp8flow.swiglu_quant_save.default]
+    assert len(sw) == 1 and sw[0].args[1] is None
+    assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
+    for n in ("w13", "w2", "router.weight"):
+        assert rel(g[n], g32[n]) < FP8_REL, n
