@@ -46,6 +46,10 @@ Per row (JSON keys in brackets):
   left out. A compiled graph saves through its autograd function, so this is what the
   partitioner kept. FP8 variants count their quantized weight copies here (the BF16 ones
   save the parameters themselves, which are left out).
+- [saved_weight_bytes, saved_act_bytes] that count split: the storages of saved tensors that
+  are 3-D with the expert count first (the per-expert weight copies and their block scales;
+  this layer's activations are at most 2-D), and the rest, the activations. The tables print
+  the second ("acts") and its ratio to bf16 compiled's ("acts x").
 - [forward_live_bytes] (GPU only) `memory_allocated` after one forward minus before, minus the
   output: everything the forward leaves alive, as the allocator sees it. It differs from the
   hooks count where a saved view keeps a larger buffer alive or a graph keeps extra state.
@@ -360,24 +364,33 @@ def _storages(t, out: dict) -> None:
         pass
 
 
-def saved_bytes_hooks(fn, exclude: list[torch.Tensor]) -> int:
+def saved_bytes_hooks(fn, exclude: list[torch.Tensor], experts: int | None = None
+                      ) -> tuple[int, int]:
     """Bytes of the distinct storages the forward saves for backward, through
     `torch.autograd.graph.saved_tensors_hooks`, leaving out the storages of `exclude` (the
     parameters and the input, which exist anyway). A compiled graph saves through its autograd
-    function, so the hook sees what the partitioner chose to keep."""
+    function, so the hook sees what the partitioner chose to keep.
+
+    Returns (all, weight copies): the second counts the storages of saved tensors that are
+    3-D with `experts` as their first dim, the per-expert weight copies (FP8 data and block
+    scales) an FP8 variant keeps for its dgrad; this layer's activations are at most 2-D."""
     skip: dict = {}
     for t in exclude:
         _storages(t, skip)
     seen: dict = {}
+    weights: dict = {}
 
     def pack(t):
         _storages(t, seen)
+        if experts is not None and t.dim() == 3 and t.shape[0] == experts:
+            _storages(t, weights)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     del out
-    return sum(n for p, n in seen.items() if p not in skip)
+    return (sum(n for p, n in seen.items() if p not in skip),
+            sum(n for p, n in weights.items() if p not in skip))
 
 
 def sync(dev) -> None:
@@ -557,7 +570,9 @@ def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) 
         out.backward(dy)
         del out
     clear()
-    row["saved_bytes_hooks"] = saved_bytes_hooks(lambda: fn(xg), [xg, *layer.parameters()])
+    row["saved_bytes_hooks"], row["saved_weight_bytes"] = saved_bytes_hooks(
+        lambda: fn(xg), [xg, *layer.parameters()], experts=dims[3])
+    row["saved_act_bytes"] = row["saved_bytes_hooks"] - row["saved_weight_bytes"]
 
     times = time_ms(step, clear, dev, args.warmup, args.reps)
     row["ms_all"] = times
@@ -607,9 +622,17 @@ def mib(v) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
 
 
+def act_ratio(r: dict, rrows: dict) -> str:
+    """Activations kept for backward against the baseline's, as '0.26x' (or '-')."""
+    base = rrows.get(BASELINE, {}).get("saved_act_bytes")
+    own = r.get("saved_act_bytes")
+    return f"{own / base:.2f}x" if base and own is not None else "-"
+
+
 def print_tables(rows: list[dict], shapes: dict, order: list[str]) -> None:
     cols = (f"{'routing':<9} {'variant':<20} {'ms':>9} {'TFLOP/s':>8} {'speedup':>7} "
-            f"{'peak MiB':>9} {'saved MiB':>9} {'live MiB':>9} {'1st call s':>10} "
+            f"{'peak MiB':>9} {'saved MiB':>9} {'acts MiB':>9} {'acts x':>6} {'live MiB':>9} "
+            f"{'1st call s':>10} "
             f"{'err out':>8} {'err dx':>8} {'err dw13':>8} {'err dw2':>8}")
     for shape, dims in shapes.items():
         srows = [r for r in rows if r["shape"] == shape]
@@ -633,6 +656,7 @@ def print_tables(rows: list[dict], shapes: dict, order: list[str]) -> None:
                 line = (head + f"{fmt(r.get('ms'), '9.3f'):>9} {fmt(r.get('tflops'), '8.1f'):>8} "
                         f"{fmt(r.get('speedup'), '6.2f') + 'x' if r.get('speedup') else '-':>7} "
                         f"{mib(r.get('peak_bytes')):>9} {mib(r.get('saved_bytes_hooks')):>9} "
+                        f"{mib(r.get('saved_act_bytes')):>9} {act_ratio(r, rrows):>6} "
                         f"{mib(r.get('forward_live_bytes')):>9} "
                         f"{fmt(r.get('first_call_s'), '10.1f'):>10} "
                         f"{fmt(r.get('err_out'), '8.1e'):>8} {fmt(r.get('err_dx'), '8.1e'):>8} "
@@ -644,8 +668,10 @@ def print_tables(rows: list[dict], shapes: dict, order: list[str]) -> None:
     log("ms: median fwd+bwd; TFLOP/s: the 6 expert GEMMs only; speedup: vs bf16 compiled; "
         "peak: max allocated during one fwd+bwd minus allocated before (weight/input grads "
         "included); saved: distinct storages packed for backward (saved_tensors_hooks), "
-        "parameters and input excluded; live: allocated after forward minus before, minus the "
-        "output (GPU only); 1st call: wall time of the first fwd+bwd (the compile); err: "
+        "parameters and input excluded; acts: saved minus the per-expert weight copies (3-D, "
+        "experts first), acts x: that against bf16 compiled's; live: allocated after forward "
+        "minus before, minus the output (GPU only); 1st call: wall time of the first fwd+bwd "
+        "(the compile); err: "
         "||a-b||/||b|| vs float32 eager.")
 
 

@@ -227,7 +227,8 @@ _BWD_ROWS = 8
 
 
 def swiglu_quant_triton(h: torch.Tensor, probs: torch.Tensor | None = None,
-                        value_out: torch.Tensor | None = None, save_h: bool = False
+                        value_out: torch.Tensor | None = None, save_h: bool = False,
+                        block_r: int = _BLOCK_R, num_warps: int = 4
                         ) -> tuple[torch.Tensor, ...]:
     """(q, s), and with save_h also (h_q, h_s). value_out (fp32 [P, I], optional) receives the
     fp32 values the kernel quantized, so tests can check the quantization bit-exactly apart from
@@ -239,11 +240,11 @@ def swiglu_quant_triton(h: torch.Tensor, probs: torch.Tensor | None = None,
     hq = torch.empty(P, 2 * half if save_h else 0, dtype=FP8, device=h.device)
     hs = torch.empty(P, 2 * T if save_h else 0, dtype=torch.float32, device=h.device)
     if P and T:
-        _swiglu_quant_kernel[(cdiv(P, _BLOCK_R), T)](
+        _swiglu_quant_kernel[(cdiv(P, block_r), T)](
             h, h if probs is None else probs, q.view(torch.uint8), s,
             s if value_out is None else value_out, hq.view(torch.uint8), hs, P, half, T,
-            BLOCK_R=_BLOCK_R, TILE_=TILE, HAS_PROBS=probs is not None,
-            STORE_VALUE=value_out is not None, SAVE_H=save_h)
+            BLOCK_R=block_r, TILE_=TILE, HAS_PROBS=probs is not None,
+            STORE_VALUE=value_out is not None, SAVE_H=save_h, num_warps=num_warps)
     return (q, s, hq, hs) if save_h else (q, s)
 
 
