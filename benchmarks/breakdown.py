@@ -213,6 +213,31 @@ def attribute(trace: dict) -> tuple[dict, dict, float]:
     return ops, other, busy
 
 
+def idle_gaps(trace: dict, top: int = 10) -> tuple[float, list[tuple]]:
+    """Where the GPU sat idle: the gaps between the merged kernel intervals (no kernel, memset
+    or copy on any stream) of the trace, the sum of all of them, and the `top` largest as
+    (us, kernel before, kernel after, innermost host ops running through the gap)."""
+    ev = trace["traceEvents"]
+    gpu = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") in
+                  ("kernel", "gpu_memset", "gpu_memcpy")), key=lambda e: e["ts"])
+    cpu = [e for e in ev if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+    gaps = []
+    last = None  # the event that ends last so far
+    for e in gpu:
+        if last is not None and e["ts"] > last["ts"] + last["dur"]:
+            gaps.append((e["ts"] - last["ts"] - last["dur"], last, e))
+        if last is None or e["ts"] + e["dur"] > last["ts"] + last["dur"]:
+            last = e
+    total = sum(g for g, _, _ in gaps)
+    out = []
+    for g, a, b in sorted(gaps, key=lambda x: -x[0])[:top]:
+        t0, t1 = a["ts"] + a["dur"], b["ts"]
+        host = sorted((e for e in cpu if e["ts"] <= t0 and e["ts"] + e["dur"] >= t1),
+                      key=lambda e: e["dur"])[:2]
+        out.append((g, a["name"], b["name"], [e["name"] for e in host]))
+    return total, out
+
+
 def kernel_group(g: dict) -> str:
     name = g.get("name", "")
     if g.get("cat") == "gpu_memset":
@@ -346,6 +371,7 @@ def main(argv=None) -> None:
             steps_ms[key] = step_ms(fn, layer, x, dy, args.reps)
             trace = profile_steps(fn, layer, x, dy, args.steps)
             ops, other, busy = attribute(trace)
+            idle, gaps = idle_gaps(trace)
             del trace, fn, layer
             ML.free(torch.device("cuda"))
             rows, measured, at_floor = table(ops, other, busy, args.steps, bw, dense)
@@ -378,6 +404,11 @@ def main(argv=None) -> None:
                 line += (f" -> {base / at_floor:.2f}x over BF16 compiled "
                          f"({base:.2f} ms); measured {base / steps_ms[key]:.2f}x")
             print(line)
+            print(f"GPU idle between kernels: {idle / 1e3 / args.steps:.2f} ms/step "
+                  "(profiled); largest gaps:")
+            for us, before, after, host in gaps:
+                print(f"  {us:7.0f} us  {before[:40]} -> {after[:40]}  | host: "
+                      + "; ".join(h[:50] for h in host))
         del topw, topi, w13, w2, x, dy
         ML.free(torch.device("cuda"))
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks.breakdown import attribute, gemm_problem, op_bytes, table
+from benchmarks.breakdown import attribute, gemm_problem, idle_gaps, op_bytes, table
 
 BF16, FP8, F32, I32 = "c10::BFloat16", "c10::Float8_e4m3fn", "float", "int"
 
@@ -124,3 +124,16 @@ def test_table_adds_floors_and_measured_rest():
     # one call per step at 1 GB/s, plus the Inductor kernels as measured (0.5 ms per step)
     assert at_floor == pytest.approx(nb / 1e6 + 0.5)
     assert rows[0][0] == "scaling_aware_transpose" and rows[0][5] == pytest.approx(nb / 1e6)
+
+
+def test_idle_gaps_merge_streams():
+    # kernel b runs inside the long kernel a on another stream: the only idle time is between
+    # the end of a and the start of c, during the host op that launched c
+    k = [("a", 0, 100), ("b", 10, 20), ("c", 130, 10), ("d", 145, 5)]
+    ev = [{"ph": "X", "cat": "kernel", "name": n, "ts": ts, "dur": d, "tid": 7, "args": {}}
+          for n, ts, d in k]
+    ev.append(_op("fp8flow::grouped_gemm_fp8", 90, 50, [[1]], [FP8]))
+    total, gaps = idle_gaps({"traceEvents": ev})
+    assert total == pytest.approx(35.0)
+    assert gaps[0] == (30, "a", "c", ["fp8flow::grouped_gemm_fp8"])
+    assert gaps[1][:3] == (5, "c", "d")
