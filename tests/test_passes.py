@@ -171,6 +171,38 @@ def test_grouped_gemms_share_one_host_copy_of_offs(moe_joint, monkeypatch):
             assert offs.target is ops.pad_offsets.default and offs.args[1] == 16
 
 
+def test_schedule_issues_the_weight_quantization_after_the_host_copy(moe_joint, monkeypatch):
+    from fp8flow_compile.kernels import cublas
+    from fp8flow_compile.passes import schedule
+    monkeypatch.setattr(cublas, "may_choose", lambda *a, **k: True)
+    gm, ctx = upto(*moe_joint, find_gemms, insert_qdq, dedupe, *passes.FLOW)
+    before = list(gm.graph.nodes)
+    bwd = passes.backward_nodes(gm)
+    wq = [n for n in before if n.target is ops.quantize_128x128_dual.default and n not in bwd]
+    host = [n for n in before if n.target is ops.offsets_to_host.default and n not in bwd]
+    assert len(wq) == 2 and len(host) == 2
+    # in the graph as the flow leaves it, each weight is quantized right before its GEMM,
+    # after the activation's quantization and gather
+    first_act = next(n for n in before if n.target is ops.quantize_1x128.default)
+    assert all(before.index(q) > before.index(first_act) for q in wq)
+    out, octx = upto(gm, ctx, schedule)
+    order = [n.name for n in out.graph.nodes]
+    moved = [q.name for q in wq]
+    # right after the last host copy, in their order, and before the activation's quantization
+    i = order.index(max((h.name for h in host), key=order.index))
+    assert order[i + 1:i + 3] == moved
+    assert i + 2 < order.index(first_act.name)
+    assert any("schedule:" in line for line in octx.log)
+    # nothing else changed place relative to each other
+    rest = [n for n in order if n not in moved]
+    assert rest == [n.name for n in before if n.name not in moved]
+    # without a host copy (CPU shapes: nothing loops on the host) nothing moves
+    monkeypatch.setattr(cublas, "may_choose", lambda *a, **k: False)
+    plain, pctx = upto(*moe_joint, find_gemms, insert_qdq, dedupe, *passes.FLOW)
+    again, _ = upto(plain, pctx, schedule)
+    assert [n.name for n in again.graph.nodes] == [n.name for n in plain.graph.nodes]
+
+
 def test_host_offs_is_copied_once_per_step_and_saved_for_backward(monkeypatch):
     from fp8flow_compile.kernels import cublas
     monkeypatch.setattr(cublas, "may_choose", lambda *a, **k: True)

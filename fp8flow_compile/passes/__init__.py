@@ -4,7 +4,8 @@ Order on the joint graph: find_gemms -> insert_qdq (the naive FP8 graph, counted
 flow_reuse -> flow_hoist -> flow_fuse -> dedupe (counted again) -> flow_save (the backward keeps
 the SwiGLU input in FP8) -> flow_combine (the MoE combine's scatter-adds, no casts involved) ->
 flow_probs (the routing weight moves into the SwiGLU; the FC2 output gradient is gathered in FP8) ->
-flow_recompute (the backward gathers FP8 rows again rather than keeping them).
+flow_recompute (the backward gathers FP8 rows again rather than keeping them); with the flow or
+without, schedule last (the forward issues the weight quantization while the host catches up).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from . import (
     flow_reuse,
     flow_save,
     insert_qdq,
+    schedule,
 )
 from .graph import Ctx, backward_nodes
 
@@ -48,6 +50,7 @@ def run_joint(gm: fx.GraphModule, ctx: Ctx) -> dict:
     if ctx.options.get("flow", True):
         for p in FLOW:
             p.run(gm, ctx)
+    schedule.run(gm, ctx)
     record["after"] = gm
     bwd = backward_nodes(gm)
     record["casts_after"] = _phase_counts(gm, bwd)
