@@ -188,14 +188,23 @@ def test_schedule_issues_the_weight_quantization_after_the_host_copy(moe_joint, 
     out, octx = upto(gm, ctx, schedule)
     order = [n.name for n in out.graph.nodes]
     moved = [q.name for q in wq]
-    # right after the last host copy, in their order, and before the activation's quantization
+    # the first right after the inputs, the second right after the last host copy; both
+    # before the activation's quantization
+    phs = [n.name for n in out.graph.nodes if n.op == "placeholder"]
+    assert order[len(phs)] == moved[0]
     i = order.index(max((h.name for h in host), key=order.index))
-    assert order[i + 1:i + 3] == moved
-    assert i + 2 < order.index(first_act.name)
+    assert order[i + 1] == moved[1]
+    assert i + 1 < order.index(first_act.name)
     assert any("schedule:" in line for line in octx.log)
     # nothing else changed place relative to each other
     rest = [n for n in order if n not in moved]
     assert rest == [n.name for n in before if n.name not in moved]
+    # with the first one left after the copies too: both right after the last copy
+    monkeypatch.setattr(schedule, "FIRST_AT_START", False)
+    late, _ = upto(gm, ctx, schedule)
+    order = [n.name for n in late.graph.nodes]
+    i = order.index(max((h.name for h in host), key=order.index))
+    assert order[i + 1:i + 3] == moved
     # without a host copy (CPU shapes: nothing loops on the host) nothing moves
     monkeypatch.setattr(cublas, "may_choose", lambda *a, **k: False)
     plain, pctx = upto(*moe_joint, find_gemms, insert_qdq, dedupe, *passes.FLOW)
