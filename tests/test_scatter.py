@@ -99,6 +99,41 @@ def test_kernel_specials_and_wrap():
         S.index_add_rows_ref(None, torch.tensor([0, -1]), src[:2], None, T)  # no wrap
 
 
+def test_plan_is_the_stable_sort_and_skips_the_kernels_own():
+    T, H, N = 7, 96, 40
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, T, (N,), generator=g)
+    src = torch.randn(N, H, generator=g).bfloat16()
+    w = torch.rand(N, generator=g)
+    order, bounds = ops.index_add_plan(idx, T)
+    ref_keys, ref_order = torch.sort(idx, stable=True)
+    assert torch.equal(order, ref_order)
+    assert torch.equal(bounds, torch.searchsorted(ref_keys, torch.arange(T + 1)))
+    want = S.index_add_rows_triton(None, idx, src, w, T)
+    assert torch.equal(S.index_add_rows_triton(None, idx, src, w, T, False, order, bounds), want)
+    # a plan without wrap serves a wrapping call on non-negative indices: the same sum
+    assert torch.equal(S.index_add_rows_triton(None, idx, src, w, T, True, order, bounds), want)
+    # negative indices: the wrapping plan, the same as the kernel's own sort
+    neg = torch.where(idx % 2 == 0, idx - T, idx)
+    po, pb = ops.index_add_plan(neg, T, True)
+    assert torch.equal(S.index_add_rows_triton(None, neg, src, w, T, True, po, pb), want)
+    # the plan is made from the right rows: a shuffled plan gives another sum, not this one
+    bad = S.index_add_rows_triton(None, idx, src, w, T, False, order.flip(0), bounds)
+    assert not torch.equal(bad, want)
+    with pytest.raises(IndexError, match="out of range"):
+        ops.index_add_plan(neg, T)  # no wrap
+    with pytest.raises(IndexError, match="out of range"):
+        ops.index_add_plan(torch.tensor([0, T]), T, True)
+    torch.library.opcheck(ops.index_add_plan, (idx, T, False),
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    for args, msg in (((order, None), "come together"),
+                      ((order[:-1], bounds), "order must be int64"),
+                      ((order, bounds[:-1]), "bounds must be int64"),
+                      ((order.int(), bounds), "order must be int64")):
+        with pytest.raises(Fp8Unsupported, match=msg):
+            ops.index_add_rows(None, idx, src, w, T, False, *args)
+
+
 def test_op_fake_and_bad_inputs():
     b, idx, src, w = case(5, 64, 11, torch.bfloat16, True, "col", 3)
     torch.library.opcheck(ops.index_add_rows, (b, idx, src, w, 5, False),
@@ -141,7 +176,17 @@ def test_combine_lowers_the_moe_scatters(moe_joint):  # noqa: F811  (the importe
     # the product y * w that fed the scatter is gone; the 1-D index_put (dprobs) is untouched
     assert t.count(aten.mul.Tensor) == before.count(aten.mul.Tensor) - 1
     assert t.count(aten.index_put.default) == 1
-    assert len(ctx2.log) == 2 and "row weight fused" in " ".join(ctx2.log)
+    assert len(ctx2.log) == 3 and "row weight fused" in " ".join(ctx2.log)
+    # one sort for both: a plan on the token index, made before the combine, wrap False (the
+    # combine's index_add requires non-negative indices)
+    plans = [n for n in gm2.graph.nodes if n.target is ops.index_add_plan.default]
+    assert len(plans) == 1 and plans[0].args == (fwd.args[1], fwd.args[4], False)
+    for u in (fwd, bwd):
+        assert [a.args[0] for a in u.args[6:]] == [plans[0], plans[0]]
+        assert [a.args[1] for a in u.args[6:]] == [0, 1]
+    order = list(gm2.graph.nodes)
+    assert order.index(plans[0]) < order.index(fwd) < order.index(bwd)
+    assert "one sort" in ctx2.log[-1]
 
 
 def _traced(f, *args):

@@ -63,6 +63,19 @@ def _check(base, index, src, weight, num_rows):
         need(t is None or t.device == src.device, "all tensors must be on one device")
 
 
+def _check_plan(order, bounds, n, num_rows):
+    def need(cond, msg):
+        require(cond, _OP, msg)
+    need((order is None) == (bounds is None), "order and bounds come together (index_add_plan)")
+    if order is None:
+        return
+    need(order.dtype == torch.int64 and tuple(order.shape) == (n,),
+         f"order must be int64 [{n}] (index_add_plan), got {order.dtype} {tuple(order.shape)}")
+    need(bounds.dtype == torch.int64 and tuple(bounds.shape) == (num_rows + 1,),
+         f"bounds must be int64 [{num_rows + 1}] (index_add_plan), got {bounds.dtype} "
+         f"{tuple(bounds.shape)}")
+
+
 def _wrapped(index: torch.Tensor, num_rows: int, wrap: bool) -> torch.Tensor:
     return torch.where(index < 0, index + num_rows, index) if wrap else index
 
@@ -116,21 +129,41 @@ def _index_add_rows_kernel(base_ptr, src_ptr, w_ptr, order_ptr, bounds_ptr, out_
     _store_f32(out_ptr, t * H + cols, acc, cmask, BF16)
 
 
-def index_add_rows_triton(base, index, src, weight, num_rows, wrap=False):
+def index_add_plan_impl(index: torch.Tensor, num_rows: int, wrap: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, bounds): the source rows sorted by output row (stable, so each output row keeps
+    its rows in increasing i) and, per output row t, its range order[bounds[t]:bounds[t + 1]].
+    Out-of-range indices raise on the CPU and fire a device-side assert on CUDA."""
+    keys = _wrapped(index, num_rows, wrap)
+    if keys.numel():
+        if keys.is_cuda:  # ATen's index kernels assert on the device too; a host check would sync
+            lo, hi = torch.aminmax(keys)
+            torch._assert_async((lo >= 0) & (hi < num_rows), f"fp8flow.{_OP}: index out of range")
+        else:
+            lo, hi = int(keys.min()), int(keys.max())
+            if lo < 0 or hi >= num_rows:
+                raise IndexError(f"fp8flow.{_OP}: index {lo if lo < 0 else hi} is out of range "
+                                 f"for {num_rows} rows")
+    # Checked in range, the keys fit 32 bits: a radix sort of half the passes of int64 keys
+    # (H100, 16384 keys: 4 passes instead of 8, each a few microseconds plus a launch).
+    if num_rows <= 2**31 - 1:
+        keys = keys.to(torch.int32)
+    keys, order = torch.sort(keys, stable=True)
+    bounds = torch.searchsorted(keys, torch.arange(num_rows + 1, device=keys.device,
+                                                   dtype=keys.dtype))
+    return order, bounds
+
+
+def index_add_rows_triton(base, index, src, weight, num_rows, wrap=False, order=None,
+                          bounds=None):
     N, H = src.shape
     if N and num_rows == 0:  # every index is out of range, known from the shapes alone
         raise IndexError(f"fp8flow.{_OP}: {N} source rows but no output rows")
     out = torch.empty(num_rows, H, dtype=src.dtype, device=src.device)
     if num_rows == 0 or H == 0:
         return out
-    index = _wrapped(index, num_rows, wrap)
-    keys, order = torch.sort(index, stable=True)
-    if N and src.is_cuda:
-        # ATen's index kernels assert on the device too; a host check would cost a sync.
-        torch._assert_async((keys[0] >= 0) & (keys[-1] < num_rows),
-                            f"fp8flow.{_OP}: index out of range")
-    bounds = torch.searchsorted(keys, torch.arange(num_rows + 1, device=src.device,
-                                                   dtype=keys.dtype))
+    if order is None:
+        order, bounds = index_add_plan_impl(index, num_rows, wrap)
     # Source rows per output row, as the shapes give it: an MoE's top-k.
     R = min(_MAX_R, triton.next_power_of_2(max(1, cdiv(N, num_rows))))
     w = weight.reshape(-1).contiguous() if weight is not None else src
@@ -144,18 +177,45 @@ def index_add_rows_triton(base, index, src, weight, num_rows, wrap=False):
 
 # ---------------------------------------------------------------- custom op
 
+@torch.library.custom_op("fp8flow::index_add_plan", mutates_args=())
+def index_add_plan(index: torch.Tensor, num_rows: int, wrap: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sort `index_add_rows` does first, as an op of its own so that calls on the same index
+    share it (the flow makes one per step for the MoE combine and the backward of the token
+    gather): (order int64 [N], bounds int64 [num_rows + 1]), see index_add_plan_impl. wrap as in
+    index_add_rows; index out of range raises (CPU) or asserts on the device (CUDA)."""
+    require(index.dim() == 1 and index.dtype in (torch.int32, torch.int64), "index_add_plan",
+            f"index must be 1-D int32/int64, got {index.dtype} {tuple(index.shape)}")
+    require(num_rows >= 0, "index_add_plan", f"num_rows must be >= 0, got {num_rows}")
+    return index_add_plan_impl(index, num_rows, wrap)
+
+
+@index_add_plan.register_fake
+def _(index, num_rows, wrap=False):
+    return (index.new_empty(index.shape[0], dtype=torch.int64),
+            index.new_empty(num_rows + 1, dtype=torch.int64))
+
+
 @torch.library.custom_op("fp8flow::index_add_rows", mutates_args=())
 def index_add_rows(base: torch.Tensor | None, index: torch.Tensor, src: torch.Tensor,
-                   weight: torch.Tensor | None, num_rows: int, wrap: bool = False
+                   weight: torch.Tensor | None, num_rows: int, wrap: bool = False,
+                   order: torch.Tensor | None = None, bounds: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """[num_rows, H]: base (zeros when None) plus, for each i in increasing order,
     src[i] * weight[i] (weight None: 1) added to row index[i]; fp32 accumulation, one rounding.
-    wrap=True reads negative indices from the end (index_put semantics)."""
+    wrap=True reads negative indices from the end (index_put semantics).
+
+    order, bounds: optionally `index_add_plan(index, num_rows, w)` made once for several calls
+    on the same index, which then skip their own sort; it must come from this index and
+    num_rows, and `w` must be this call's wrap unless every index is non-negative (a plan with
+    w=False asserts that, which an index_add_ on the same index requires anyway)."""
     _check(base, index, src, weight, num_rows)
-    fn = index_add_rows_triton if use_triton(src) else index_add_rows_ref
-    return fn(base, index, src, weight, num_rows, wrap)
+    _check_plan(order, bounds, src.shape[0], num_rows)
+    if use_triton(src):
+        return index_add_rows_triton(base, index, src, weight, num_rows, wrap, order, bounds)
+    return index_add_rows_ref(base, index, src, weight, num_rows, wrap)
 
 
 @index_add_rows.register_fake
-def _(base, index, src, weight, num_rows, wrap=False):
+def _(base, index, src, weight, num_rows, wrap=False, order=None, bounds=None):
     return src.new_empty(num_rows, src.shape[1])

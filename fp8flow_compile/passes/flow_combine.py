@@ -16,6 +16,13 @@ nowhere else, y and w go to the op and the product is never written: the MoE com
 These are the MoE layer's combine step (forward) and the backward of its token gather
 `x[token]`; on the H100 they ran as BF16 atomics at several times the cost of reading the rows
 (numbers in kernels/scatter.py). The rewrite changes rounding only, towards the exact sum.
+
+Calls on the same index and row count share one sort: an `index_add_plan(index, T, wrap)` node
+before the first of them feeds (order, bounds) to each (the combine and the gather's backward
+read the same token index: one sort per step instead of two; H100, Mixtral-like shape, 16384
+rows: about 0.14 ms of small kernels each). The plan's wrap is False if any of them has
+wrap=False (an `index_add` there makes a negative index an error anyway, and for non-negative
+indices both plans are the same), else True.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels.scatter import DTYPES
-from .graph import Ctx, call, size_hint, val
+from .graph import Ctx, call, call_multi, size_hint, val
 
 aten = torch.ops.aten
 ops = torch.ops.fp8flow
@@ -124,7 +131,32 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         done += 1
         ctx.log.append(f"combine: {n.name} ({n.target.__name__}, {rows} rows) -> index_add_rows"
                        + (" with the row weight fused" if yw is not None else ""))
-    if done:
+    shared = _share_plans(gm, ctx)
+    if done or shared:
         gm.graph.lint()
         gm.recompile()
     return gm
+
+
+def _share_plans(gm: fx.GraphModule, ctx: Ctx) -> int:
+    """One index_add_plan per (index, row count) for the index_add_rows calls without one."""
+    groups: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is ops.index_add_rows.default and \
+                len(n.args) <= 6 and "order" not in n.kwargs:
+            groups.setdefault((n.args[1], n.args[4]), []).append(n)
+    for (index, rows), users in groups.items():
+        wrap = all(bool(u.args[5]) if len(u.args) > 5 else bool(u.kwargs.get("wrap", False))
+                   for u in users)
+        with gm.graph.inserting_before(users[0]):
+            order, bounds = call_multi(gm, ops.index_add_plan.default, (index, rows, wrap), 2,
+                                       name="combine_plan")
+        for u in users:
+            args = list(u.args) + [False] * (6 - len(u.args))
+            if len(u.args) <= 5:
+                args[5] = u.kwargs.get("wrap", False)
+            u.args = (*args[:6], order, bounds)
+            u.kwargs = {k: v for k, v in u.kwargs.items() if k != "wrap"}
+        ctx.log.append(f"combine: one sort of {index.name} shared by "
+                       f"{', '.join(u.name for u in users)}")
+    return len(groups)
