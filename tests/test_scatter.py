@@ -271,3 +271,27 @@ def test_gpu_kernel_bit_exact_vs_reference():
                 got = ops.index_add_rows(*[a.cuda() if a is not None else None for a in args],
                                          T)
                 assert torch.equal(got.cpu(), ref)
+
+
+def test_combine_plans_only_shared_sorts():
+    # one scatter on an index: it sorts for itself, no plan; two on one index: one plan
+    def one(idx, src):
+        return torch.zeros(8, 64, dtype=src.dtype).index_add(0, idx, src)
+
+    def two(idx, src):
+        a = torch.zeros(8, 64, dtype=src.dtype).index_add(0, idx, src)
+        b = torch.zeros(8, 64, dtype=src.dtype).index_put((idx,), src * 2, accumulate=True)
+        return a, b
+
+    idx, src = torch.randint(0, 8, (20,)), torch.randn(20, 64)
+    g1 = _traced(one, idx, src)
+    assert ops.index_add_plan.default not in targets(g1)
+    assert targets(g1).count(ops.index_add_rows.default) == 1
+    g2 = _traced(two, idx, src)
+    t = targets(g2)
+    assert t.count(ops.index_add_plan.default) == 1 and t.count(ops.index_add_rows.default) == 2
+    plan = next(n for n in g2.graph.nodes if n.target is ops.index_add_plan.default)
+    assert plan.args[2] is False  # an index_add reads it: negative indices are errors anyway
+    a, b = g2(idx, src)
+    assert torch.equal(a, torch.zeros(8, 64).index_add(0, idx, src))
+    assert torch.allclose(b, torch.zeros(8, 64).index_put((idx,), src * 2, accumulate=True))
