@@ -557,3 +557,27 @@ def test_gpu_unfused_ops_match_cpu():
     dh64, dp64, dh_slack, dp_slack = backward64(dy, h, probs)
     assert ((dh.cpu().double() - dh64).abs() <= 2.0**-8 * dh64.abs() + 2 * dh_slack).all()
     assert ((dp.cpu().double() - dp64).abs() <= dp_slack).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_swiglu_quant_backward_chunks_give_the_same_bytes(chunk):
+    # I = 5 tiles: chunks of 1 (five programs per row block), 2 and 3 (the last chunk runs past
+    # I) against one chunk of all five. dh is computed per element, so its bytes are the same;
+    # dprobs is summed per chunk and then over chunks, another fp32 order: within dp_slack of
+    # the exact value, as the one-chunk sum is.
+    P, N = 21, 5 * TILE
+    for fp8_h in (False, True):
+        h, probs, dy = backward_inputs(P, N, 9, "heavy", torch.bfloat16, True, pad=2)
+        hs = None
+        if fp8_h:
+            h, hs = S.swiglu_quant_save_ref(h, probs)[2:]
+        q1, s1, dp1 = S.swiglu_quant_backward_triton(dy, h, probs, hs, chunk=5)
+        qc, sc, dpc = S.swiglu_quant_backward_triton(dy, h, probs, hs, chunk=chunk)
+        assert torch.equal(qc.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(sc, s1)
+        _, dp64, _, dp_slack = backward64(dy, S._h_value(h, hs), probs)
+        assert ((dpc.double() - dp64).abs() <= dp_slack).all()
+        assert ((dp1.double() - dp64).abs() <= dp_slack).all()
+        # without probs: no dprobs, the same dh bytes
+        qn, sn, dpn = S.swiglu_quant_backward_triton(dy, h, None, hs, chunk=chunk)
+        q0, s0, _ = S.swiglu_quant_backward_triton(dy, h, None, hs, chunk=5)
+        assert torch.equal(qn.view(torch.uint8), q0.view(torch.uint8)) and dpn.shape == (0,)

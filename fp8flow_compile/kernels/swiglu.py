@@ -170,30 +170,35 @@ def _swiglu_quant_kernel(h_ptr, p_ptr, q_ptr, s_ptr, v_ptr, hq_ptr, hs_ptr, P, h
 @triton.jit
 def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, hs_ptr, p_ptr, q_ptr, s_ptr, dp_ptr, v_ptr, P,
                              T: tl.constexpr, BLOCK_R: tl.constexpr, TILE_: tl.constexpr,
+                             CHUNK: tl.constexpr, NC: tl.constexpr,
                              HAS_PROBS: tl.constexpr, STORE_VALUE: tl.constexpr,
                              H_FP8: tl.constexpr, COMPILED: tl.constexpr):
-    # One program per row block walks all of I, so dprobs is summed in one fixed order
-    # (deterministic, no atomics, no second pass). T = I / TILE_ tiles per half of dh; it is a
-    # constexpr because the interpreter (triton 3.6 with numpy 2) cannot loop to a runtime
-    # bound, and I is fixed per model anyway.
+    # One program per (row block, chunk of CHUNK tiles of I): it sums its part of dprobs in one
+    # fixed order and writes it to column c of dp [P, NC] (NC = cdiv(T, CHUNK) chunks), which
+    # the launcher sums over c (deterministic, no atomics). T = I / TILE_ tiles per half of
+    # dh; it and CHUNK are constexprs because the interpreter (triton 3.6 with numpy 2) cannot
+    # loop to a runtime bound, and I is fixed per model anyway.
     half = T * TILE_
     pid_r = tl.program_id(0)
+    c = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < P
     rows64 = rows.to(tl.int64)
     if HAS_PROBS:
         p = tl.load(p_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for t in range(0, T):
+    for j in range(0, CHUNK):
+        t = c * CHUNK + j
         cols = t * TILE_ + tl.arange(0, TILE_)
-        mask = rmask[:, None] & (cols < half)[None, :]
+        smask = rmask & (t < T)  # the last chunk may run past I: those tiles do nothing
+        mask = smask[:, None] & (cols < half)[None, :]
         h_offs = rows64[:, None] * (2 * half) + cols[None, :]
         if H_FP8:  # h_ptr: the E4M3 bytes of h, hs_ptr its 1x128 scales [P, 2T]
             hs_row = hs_ptr + rows64 * (2 * T) + t
             g = _decode(h_ptr + h_offs, mask, COMPILED) * \
-                tl.load(hs_row, mask=rmask, other=1.0)[:, None]
+                tl.load(hs_row, mask=smask, other=1.0)[:, None]
             u = _decode(h_ptr + h_offs + half, mask, COMPILED) * \
-                tl.load(hs_row + T, mask=rmask, other=1.0)[:, None]
+                tl.load(hs_row + T, mask=smask, other=1.0)[:, None]
         else:
             g = tl.load(h_ptr + h_offs, mask=mask, other=0.0).to(tl.float32)
             u = tl.load(h_ptr + h_offs + half, mask=mask, other=0.0).to(tl.float32)
@@ -210,10 +215,10 @@ def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, hs_ptr, p_ptr, q_ptr, s_ptr, dp_ptr,
             tl.store(v_ptr + h_offs, d_gate, mask=mask)
             tl.store(v_ptr + h_offs + half, d_up, mask=mask)
         s_row = s_ptr + rows64 * (2 * T) + t
-        fm.store_quantized_rows(d_gate, q_ptr + h_offs, s_row, mask, rmask)
-        fm.store_quantized_rows(d_up, q_ptr + h_offs + half, s_row + T, mask, rmask)
+        fm.store_quantized_rows(d_gate, q_ptr + h_offs, s_row, mask, smask)
+        fm.store_quantized_rows(d_up, q_ptr + h_offs + half, s_row + T, mask, smask)
     if HAS_PROBS:
-        tl.store(dp_ptr + rows, acc, mask=rmask)
+        tl.store(dp_ptr + rows64 * NC + c, acc, mask=rmask)
 
 
 # ---------------------------------------------------------------- launchers
@@ -224,11 +229,18 @@ def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, hs_ptr, p_ptr, q_ptr, s_ptr, dp_ptr,
 #: gave it 140 registers); P = 16384, I = 14336: 0.731, 0.755, 0.900 ms.
 _BLOCK_R = 8
 _FWD_WARPS = 2
-#: Rows per program of the backward, which walks all of I per row block (so a program's work
-#: grows with I): more, smaller programs keep more loads in flight. H100, P = 66016, I = 2048,
-#: 4 warps: 0.527 ms with 32 rows, 0.409 with 16, 0.396 with 8 (bf16 h; 0.531 -> 0.366 ms
-#: with h in FP8).
-_BWD_ROWS = 8
+#: Rows per program of the backward and its warps: more, smaller programs keep more loads in
+#: flight. H100, P = 66016, I = 2048, 4 warps: 0.527 ms with 32 rows, 0.409 with 16, 0.396 with
+#: 8 (bf16 h; 0.531 -> 0.366 ms with h in FP8); with h in FP8 and chunks of 16 tiles, 4 rows and
+#: 2 warps 0.358 ms against 0.364 with 8 and 4 (P = 65536), and at P = 16384, I = 14336 0.636
+#: against 0.648 ms.
+_BWD_ROWS = 4
+_BWD_WARPS = 2
+#: Tiles of I per backward program (a grid of row blocks x chunks): at I = 2048 (16 tiles) one
+#: chunk, the whole row block; at larger I more programs, each with a shorter loop. H100,
+#: P = 16384, I = 14336 (112 tiles), h in FP8: 0.694 ms walking all of I per program, 0.648
+#: with chunks of 16, 0.654 of 8, 0.698 of 4, 0.724 of 32 (8 rows, 4 warps).
+_BWD_CHUNK = 16
 
 
 def swiglu_quant_triton(h: torch.Tensor, probs: torch.Tensor | None = None,
@@ -257,7 +269,8 @@ def swiglu_quant_backward_triton(dy: torch.Tensor, h: torch.Tensor,
                                  probs: torch.Tensor | None = None,
                                  h_scales: torch.Tensor | None = None,
                                  value_out: torch.Tensor | None = None,
-                                 block_r: int = _BWD_ROWS, num_warps: int = 4
+                                 block_r: int = _BWD_ROWS, num_warps: int = _BWD_WARPS,
+                                 chunk: int = _BWD_CHUNK
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h: high precision, or the FP8 copy with its 1x128 scales h_scales. value_out (fp32
     [P, 2I], optional): the fp32 dh the kernel quantized, for tests."""
@@ -268,13 +281,20 @@ def swiglu_quant_backward_triton(dy: torch.Tensor, h: torch.Tensor,
     dprobs = torch.empty(0 if probs is None else P, dtype=torch.float32, device=h.device)
     if P and T:
         fp8_h = h_scales is not None
-        _swiglu_quant_bwd_kernel[(cdiv(P, block_r),)](
+        chunk = max(1, min(chunk, T))
+        nc = cdiv(T, chunk)
+        # dprobs per chunk, summed below; one chunk writes dprobs itself
+        dp_part = dprobs if probs is None or nc == 1 else \
+            torch.empty(P, nc, dtype=torch.float32, device=h.device)
+        _swiglu_quant_bwd_kernel[(cdiv(P, block_r), nc)](
             dy, h.view(torch.uint8) if fp8_h else h, h_scales if fp8_h else s,
             dy if probs is None else probs, q.view(torch.uint8), s,
-            s if probs is None else dprobs, s if value_out is None else value_out, P, T=T,
-            BLOCK_R=block_r, TILE_=TILE, HAS_PROBS=probs is not None,
+            s if probs is None else dp_part, s if value_out is None else value_out, P, T=T,
+            BLOCK_R=block_r, TILE_=TILE, CHUNK=chunk, NC=nc, HAS_PROBS=probs is not None,
             STORE_VALUE=value_out is not None, H_FP8=fp8_h, COMPILED=h.is_cuda,
             num_warps=num_warps)
+        if probs is not None and nc > 1:
+            torch.sum(dp_part, dim=1, out=dprobs)
     elif probs is not None:
         dprobs.zero_()  # I == 0: an empty sum
     return q, s, dprobs
