@@ -21,7 +21,9 @@ Floors, measured in the same process on the same device:
 - grouped GEMMs: their FLOPs at the rate of one dense cuBLAS GEMM of the same total size,
   timed here: blockwise FP8 (1x128 x 128x128 for fprop/dgrad, 1x128 x 1x128 for wgrad) for
   fp8flow, BF16 `torch.mm` for `aten::_grouped_mm`. The wgrad's FLOPs count the token columns
-  of its aligned layout (the padding between groups included: 0.7% at DeepSeek-V3);
+  of its aligned layout (the padding between groups included: 0.7% at DeepSeek-V3). This is
+  a yardstick rather than a bound: cuBLAS picks its kernel per shape, and a grouped GEMM's
+  per-group calls can beat the one dense call of their total size;
 - everything else: no floor; it enters the "step at floors" as measured.
 
 The last lines per shape add the floors up: the step if every op ran at its floor, and the
@@ -276,8 +278,8 @@ def dense_ms(kind: str, M: int, N: int, K: int, cache: dict) -> float:
     return ms
 
 
-def table(ops: dict, other: dict, busy_us: float, steps: int, bw_gbs: float,
-          dense: dict) -> tuple[list[tuple], float, float]:
+def table(ops: dict, other: dict, steps: int, bw_gbs: float, dense: dict
+          ) -> tuple[list[tuple], float, float]:
     """Rows (op, shapes, calls/step, ms/step, work/step, floor ms/step, floor share) and the
     totals (measured ms of the rows, ms at floors), per step."""
     rows = []
@@ -374,7 +376,7 @@ def main(argv=None) -> None:
             idle, gaps = idle_gaps(trace)
             del trace, fn, layer
             ML.free(torch.device("cuda"))
-            rows, measured, at_floor = table(ops, other, busy, args.steps, bw, dense)
+            rows, measured, at_floor = table(ops, other, args.steps, bw, dense)
             print(f"\n-- {ML.VARIANTS[key]}: step {steps_ms[key]:.2f} ms (no profiler); "
                   f"profiled: GPU busy {busy / 1e3 / args.steps:.2f} ms/step")
             print("| op | first inputs | calls/step | ms/step | work/step | floor ms | "

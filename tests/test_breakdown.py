@@ -118,7 +118,7 @@ def test_table_adds_floors_and_measured_rest():
     ops = {("fp8flow::scaling_aware_transpose", json.dumps([[1000, 128], [1000, 1]])):
            [2, 4000.0, {"Input Dims": [[1000, 128], [1000, 1]], "Input type": [FP8, F32]}]}
     other = {"Inductor kernels (triton_*)": [2, 1000.0]}
-    rows, measured, at_floor = table(ops, other, 5000.0, steps=2, bw_gbs=1.0, dense={})
+    rows, measured, at_floor = table(ops, other, steps=2, bw_gbs=1.0, dense={})
     nb = 2 * (1000 * 128 + 1000 * 4)
     assert measured == pytest.approx(2.5)  # (4000 + 1000) us over 2 steps
     # one call per step at 1 GB/s, plus the Inductor kernels as measured (0.5 ms per step)
