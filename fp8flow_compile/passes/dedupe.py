@@ -11,7 +11,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph import Ctx
+from .graph import Ctx, finish
 
 aten = torch.ops.aten
 # Pure view ops: in the functional joint graph two with the same arguments are the same tensor.
@@ -49,6 +49,5 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             seen[key] = n
     if removed:
         ctx.log.append(f"dedupe: {removed} duplicate fp8flow nodes removed")
-        gm.graph.lint()
-        gm.recompile()
+        finish(gm)
     return gm

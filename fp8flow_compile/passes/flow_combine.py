@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels.scatter import DTYPES
-from .graph import Ctx, call, call_multi, size_hint, val
+from .graph import Ctx, call, call_multi, finish, size_hint, val
 
 aten = torch.ops.aten
 ops = torch.ops.fp8flow
@@ -133,8 +133,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                        + (" with the row weight fused" if yw is not None else ""))
     shared = _share_plans(gm, ctx)
     if done or shared:
-        gm.graph.lint()
-        gm.recompile()
+        finish(gm)
     return gm
 
 

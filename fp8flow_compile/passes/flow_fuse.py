@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .graph import Ctx, call, call_multi, contiguous, replace_outputs, val
+from .graph import Ctx, call, call_multi, contiguous, finish, replace_outputs, val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -384,7 +384,5 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         ctx.log.append(f"fuse: quantization of {x.name} = {what} -> {target._opname}")
         changed = True
     if changed:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
+        finish(gm, dead_code=True)
     return gm

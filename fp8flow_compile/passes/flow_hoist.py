@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, call, call_multi, replace_outputs, val
+from .graph import Ctx, call, call_multi, finish, replace_outputs, val
 from .insert_qdq import quantize
 
 aten = torch.ops.aten
@@ -118,7 +118,5 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                            f"of {', '.join(p.name for p in parts)}")
             continue
         hoist_gather(gm, n, ctx)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
+    finish(gm, dead_code=True)
     return gm

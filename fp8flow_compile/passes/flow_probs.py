@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 
 from . import flow_hoist
-from .graph import Ctx, call, fake_mode_of, val
+from .graph import Ctx, call, fake_mode_of, finish, val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -230,7 +230,5 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                        + ("; the FC2 output gradient is gathered in FP8" if hoisted else ""))
         changed = True
     if changed:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
+        finish(gm, dead_code=True)
     return gm

@@ -14,7 +14,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, call_multi, val
+from .graph import Ctx, call_multi, finish, val
 
 ops = torch.ops.fp8flow
 
@@ -58,7 +58,6 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 gm.graph.erase_node(old)
         gm.graph.erase_node(n)
         ctx.log.append(f"reuse: column-wise quantization of {src.name} -> scaling_aware_transpose")
-    gm.graph.lint()
-    gm.recompile()
+    finish(gm)
     return gm
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, call_multi, forward_required, replace_outputs
+from .graph import Ctx, call_multi, finish, forward_required, replace_outputs
 
 ops = torch.ops.fp8flow
 
@@ -54,6 +54,5 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                        f"read by {', '.join(b.name for b in bwd)}")
         changed = True
     if changed:
-        gm.graph.lint()
-        gm.recompile()
+        finish(gm)
     return gm

@@ -51,6 +51,15 @@ def call(gm: fx.GraphModule, target, args: tuple, kwargs: dict | None = None,
     return node
 
 
+def finish(gm: fx.GraphModule, dead_code: bool = False) -> None:
+    """The end of a pass that changed the graph: optionally drop nodes nothing reads any more,
+    check the graph, regenerate the module's code."""
+    if dead_code:
+        gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
 def replace_outputs(gm: fx.GraphModule, old: fx.Node, new: list[fx.Node]) -> None:
     """Point the users of output i of the multi-output node `old` (its getitem nodes) at
     new[i], then erase `old` and those getitems."""

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ..kernels import cublas, gemm
 from ..recipe import BLOCKWISE
-from .graph import Ctx, call, call_multi, contiguous, size_hint, strip, val
+from .graph import Ctx, call, call_multi, contiguous, finish, size_hint, strip, val
 
 aten = torch.ops.aten
 GROUP_ALIGN = BLOCKWISE.group_align
@@ -157,6 +157,5 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
         g.node = new
-    gm.graph.lint()
-    gm.recompile()
+    finish(gm)
     return gm

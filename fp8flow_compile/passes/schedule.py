@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, backward_nodes
+from .graph import Ctx, backward_nodes, finish
 
 ops = torch.ops.fp8flow
 
@@ -67,6 +67,5 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 moved.append(n.name)
     if moved:
         ctx.log.append(f"schedule: weight quantization issued early: {', '.join(moved)}")
-        gm.graph.lint()
-        gm.recompile()
+        finish(gm)
     return gm
