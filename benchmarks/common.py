@@ -54,3 +54,28 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def idle_gaps(trace: dict, top: int = 10) -> tuple[float, list[tuple]]:
+    """Where the GPU sat idle: the gaps between the merged kernel intervals (no kernel, memset
+    or copy on any stream) of the trace, the sum of all of them, and the `top` largest as
+    (us, kernel before, kernel after, innermost host ops running through the gap)."""
+    ev = trace["traceEvents"]
+    gpu = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") in
+                  ("kernel", "gpu_memset", "gpu_memcpy")), key=lambda e: e["ts"])
+    cpu = [e for e in ev if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+    gaps = []
+    last = None  # the event that ends last so far
+    for e in gpu:
+        if last is not None and e["ts"] > last["ts"] + last["dur"]:
+            gaps.append((e["ts"] - last["ts"] - last["dur"], last, e))
+        if last is None or e["ts"] + e["dur"] > last["ts"] + last["dur"]:
+            last = e
+    total = sum(g for g, _, _ in gaps)
+    out = []
+    for g, a, b in sorted(gaps, key=lambda x: -x[0])[:top]:
+        t0, t1 = a["ts"] + a["dur"], b["ts"]
+        host = sorted((e for e in cpu if e["ts"] <= t0 and e["ts"] + e["dur"] >= t1),
+                      key=lambda e: e["dur"])[:2]
+        out.append((g, a["name"], b["name"], [e["name"] for e in host]))
+    return total, out

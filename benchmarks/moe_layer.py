@@ -107,6 +107,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fp8flow_compile as ff  # noqa: E402
+from benchmarks.common import idle_gaps  # noqa: E402
 from examples.moe import MoE  # noqa: E402
 from examples.quickstart import FlowMoE  # noqa: E402
 from fp8flow_compile.kernels.cublas import gemm_backend, set_gemm_backend  # noqa: E402
@@ -734,31 +735,23 @@ def setup_case(shape, dims, routing, args, dev, seed):
 
 
 def gpu_gaps(trace_path: str, top: int = 12) -> str:
-    """Where the GPU sat idle in a profiler trace: its busy time against the span, and the
-    largest gaps between kernels with the host ops that ran during each (what kept the host from
-    launching the next kernel)."""
+    """Where the GPU sat idle in a profiler trace (`common.idle_gaps`): its busy time against
+    the span, and the largest gaps with the innermost host ops that ran through each (what kept
+    the host from launching the next kernel)."""
     with open(trace_path) as f:
-        ev = json.load(f)["traceEvents"]
-    gpu = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") in
-                  ("kernel", "gpu_memset", "gpu_memcpy")), key=lambda e: e["ts"])
-    cpu = [e for e in ev if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+        trace = json.load(f)
+    gpu = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in
+           ("kernel", "gpu_memset", "gpu_memcpy")]
     if not gpu:
         return "no GPU events in the trace"
-    span = gpu[-1]["ts"] + gpu[-1]["dur"] - gpu[0]["ts"]
-    busy = sum(e["dur"] for e in gpu)
-    gaps = sorted(((b["ts"] - a["ts"] - a["dur"], a, b) for a, b in zip(gpu, gpu[1:])),
-                  key=lambda g: -g[0])
-    lines = [f"GPU busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span "
-             f"(idle {(span - busy) / 1e3:.2f} ms); largest gaps, with the innermost host ops "
-             f"that cover most of each:"]
-    for g, a, b in gaps[:top]:
-        t0, t1 = a["ts"] + a["dur"], b["ts"]
-        # the most specific host ops covering at least half of the gap
-        ops = sorted((e for e in cpu if min(e["ts"] + e["dur"], t1) - max(e["ts"], t0)
-                      >= g / 2), key=lambda e: e["dur"])[:3]
-        lines.append(f"  {g:7.0f} us at {(t0 - gpu[0]['ts']) / 1e3:7.2f} ms: "
-                     f"{a['name'][:32]} -> {b['name'][:32]} | host: "
-                     + "; ".join(e["name"][:40] for e in ops))
+    span = max(e["ts"] + e["dur"] for e in gpu) - min(e["ts"] for e in gpu)
+    idle, gaps = idle_gaps(trace, top)
+    lines = [f"GPU busy {(span - idle) / 1e3:.2f} ms of a {span / 1e3:.2f} ms span "
+             f"(idle {idle / 1e3:.2f} ms); largest gaps, with the innermost host ops "
+             f"running through each:"]
+    for us, before, after, host in gaps:
+        lines.append(f"  {us:7.0f} us: {before[:32]} -> {after[:32]} | host: "
+                     + "; ".join(h[:40] for h in host))
     return "\n".join(lines)
 
 

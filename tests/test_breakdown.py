@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from benchmarks.breakdown import attribute, gemm_problem, idle_gaps, op_bytes, table
+from benchmarks.breakdown import attribute, gemm_problem, op_bytes, table
+from benchmarks.common import idle_gaps
 
 BF16, FP8, F32, I32 = "c10::BFloat16", "c10::Float8_e4m3fn", "float", "int"
 
@@ -137,3 +138,16 @@ def test_idle_gaps_merge_streams():
     assert total == pytest.approx(35.0)
     assert gaps[0] == (30, "a", "c", ["fp8flow::grouped_gemm_fp8"])
     assert gaps[1][:3] == (5, "c", "d")
+
+
+def test_moe_layer_gap_report_reads_the_same_gaps(tmp_path):
+    from benchmarks.moe_layer import gpu_gaps
+    k = [("a", 0, 100), ("b", 10, 20), ("c", 130, 10)]
+    ev = [{"ph": "X", "cat": "kernel", "name": n, "ts": ts, "dur": d, "tid": 7, "args": {}}
+          for n, ts, d in k]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    text = gpu_gaps(str(path))
+    # span 140 us, idle 30 us (b runs inside a on another stream)
+    assert "GPU busy 0.11 ms of a 0.14 ms span (idle 0.03 ms)" in text
+    assert "30 us: a -> c" in text
