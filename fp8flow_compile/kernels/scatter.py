@@ -136,11 +136,11 @@ def index_add_plan_impl(index: torch.Tensor, num_rows: int, wrap: bool = False
     Out-of-range indices raise on the CPU and fire a device-side assert on CUDA."""
     keys = _wrapped(index, num_rows, wrap)
     if keys.numel():
+        lo, hi = torch.aminmax(keys)
         if keys.is_cuda:  # ATen's index kernels assert on the device too; a host check would sync
-            lo, hi = torch.aminmax(keys)
             torch._assert_async((lo >= 0) & (hi < num_rows), f"fp8flow.{_OP}: index out of range")
         else:
-            lo, hi = int(keys.min()), int(keys.max())
+            lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= num_rows:
                 raise IndexError(f"fp8flow.{_OP}: index {lo if lo < 0 else hi} is out of range "
                                  f"for {num_rows} rows")
