@@ -23,6 +23,7 @@ Options:
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from typing import Any
@@ -132,6 +133,7 @@ def fp8flow(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None 
         path = _param_path(ga.source.name) if ga is not None else ph.name
         params[f"primals_{i + 1}"] = (isinstance(ex, torch.nn.Parameter), path)
     graph_name = f"graph_{len(_LAST.records)}"
+    made: list[GraphRecord] = []  # the record, once joint_pass has made it
 
     def joint_pass(joint: fx.GraphModule) -> None:
         ctx = Ctx(recipe=DEFAULT, options=options, params=params)
@@ -150,11 +152,18 @@ def fp8flow(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None 
                                          rec["casts_after"], saved,
                                          {k: rec[k] for k in ("before", "naive", "after")},
                                          ctx.log, rec["casts_by_module"]))
+        made[:] = [_LAST.records[-1]]
         _trace(graph_name, rec)
 
+    def graph_pass(g: fx.GraphModule) -> None:
+        """On each partitioned graph before it is compiled: kept in the report."""
+        if made:
+            bwd = any(n.op == "placeholder" and "tangents" in n.name for n in g.graph.nodes)
+            made[0].graphs["backward" if bwd else "forward"] = copy.deepcopy(g)
+
     if inner == "eager":
-        return _compile_eager(gm, example_inputs, joint_pass)
-    return _compile_inductor(gm, example_inputs, joint_pass)
+        return _compile_eager(gm, example_inputs, joint_pass, graph_pass)
+    return _compile_inductor(gm, example_inputs, joint_pass, graph_pass)
 
 
 def _trace(name: str, rec: dict) -> None:
@@ -171,7 +180,7 @@ def _trace(name: str, rec: dict) -> None:
             pass
 
 
-def _compile_eager(gm, example_inputs, joint_pass):
+def _compile_eager(gm, example_inputs, joint_pass, graph_pass):
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -181,13 +190,14 @@ def _compile_eager(gm, example_inputs, joint_pass):
         return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
     def boxed(g, _inputs):
+        graph_pass(g)
         return make_boxed_func(g.forward)
 
     return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
                         decompositions=_decompositions())(gm, example_inputs)
 
 
-def _compile_inductor(gm, example_inputs, joint_pass):
+def _compile_inductor(gm, example_inputs, joint_pass, graph_pass):
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -200,9 +210,14 @@ def _compile_inductor(gm, example_inputs, joint_pass):
             from . import __version__
             return f"fp8flow-{__version__}"
 
+    class GraphPass(JointPass):
+        def __call__(self, graph: fx.Graph) -> None:
+            graph_pass(graph.owning_module)
+
     import torch._functorch.config as fconfig
     # A cache hit would skip the joint pass and leave the report empty.
     with fconfig.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, decompositions=_decompositions(),
                           config_patches={"joint_custom_pre_pass": JointPass(),
+                                          "post_grad_custom_post_pass": GraphPass(),
                                           "fx_graph_cache": False})

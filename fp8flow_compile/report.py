@@ -37,7 +37,10 @@ class Report:
     @property
     def graphs(self) -> dict[str, dict[str, fx.GraphModule]]:
         """`report.graphs[name]["before" | "naive" | "after"]`: the joint (forward + backward)
-        graph as captured, after Q/DQ insertion, and after the flow rewrites."""
+        graph as captured, after Q/DQ insertion, and after the flow rewrites;
+        `["forward" | "backward"]`: the partitioned graphs as they go to the compiler (after
+        Inductor's post-grad passes), once each is compiled (the backward at the first backward
+        call)."""
         return {r.name: r.graphs for r in self.records}
 
     def summary(self) -> dict:
@@ -102,7 +105,7 @@ class Report:
         parts = ["<html><head><meta charset='utf-8'><title>fp8flow report</title></head><body>",
                  f"<pre>{html.escape(str(self))}</pre>"]
         for r in self.records:
-            for stage in ("before", "naive", "after"):
+            for stage in ("before", "naive", "after", "forward", "backward"):
                 gm = r.graphs.get(stage)
                 if gm is None:
                     continue

@@ -345,3 +345,27 @@ def test_probs_move_with_a_fixed_routing(moe_setup):
     assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
     for n in ("w13", "w2"):
         assert rel(g[n], g32[n]) < FP8_REL, n
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_report_keeps_the_partitioned_graphs(moe_setup, inner):
+    """The report holds the forward and backward graphs as compiled: the forward has no tangent
+    inputs, the backward does, and between them they run every fp8flow op of the joint graph
+    (the backward may gather again what the forward gathered: flow_recompute)."""
+    ref, bf, x, gy = moe_setup
+    fwd_bwd(compiled(copy.deepcopy(bf), inner=inner), x.bfloat16(), gy.bfloat16())
+    r, joint = _after_graph()
+    fw, bw = r.graphs["forward"], r.graphs["backward"]
+
+    def tangents(g):
+        return [n for n in g.graph.nodes if n.op == "placeholder" and "tangents" in n.name]
+
+    assert not tangents(fw) and tangents(bw)
+
+    def fp8_ops(g):
+        return {n.target for n in g.graph.nodes
+                if getattr(n.target, "namespace", None) == "fp8flow"}
+
+    assert fp8_ops(joint) == fp8_ops(fw) | fp8_ops(bw)
+    assert torch.ops.fp8flow.grouped_gemm_fp8_wgrad.default in fp8_ops(bw)
+    assert torch.ops.fp8flow.grouped_gemm_fp8_wgrad.default not in fp8_ops(fw)
