@@ -207,11 +207,8 @@ def raster(pid, NT, NK, GROUP_T):
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, offs_ptr, G, R, C, T,
                           BLOCK_R: tl.constexpr, TILE_: tl.constexpr, GROUPED: tl.constexpr,
                           G_BLOCK: tl.constexpr):
-    # Tiles of a row block first: neighbouring programs read neighbouring segments of the same
-    # rows.
-    pid = tl.program_id(0)
-    t = pid % T
-    pid_r = pid // T
+    pid_r = tl.program_id(0)
+    t = tl.program_id(1)
     start, end, live = tile_range(offs_ptr, G, t, C, TILE_, GROUPED, G_BLOCK)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = start + tl.arange(0, TILE_)
@@ -328,12 +325,9 @@ def _dequantize_rows_kernel(q_ptr, s_ptr, out_ptr, offs_ptr, G, R, C, T,
 @triton.jit
 def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NB, KB,
                             TILE_: tl.constexpr, DUAL: tl.constexpr):
-    # One 128x128 block per program, blocks along K first: neighbouring programs read
-    # neighbouring segments of the same rows.
-    pid = tl.program_id(0)
-    kb = pid % KB
-    nb = (pid // KB) % NB
-    e = pid // (KB * NB)
+    e = tl.program_id(0)
+    nb = tl.program_id(1)
+    kb = tl.program_id(2)
     rows = nb * TILE_ + tl.arange(0, TILE_)
     cols = kb * TILE_ + tl.arange(0, TILE_)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
@@ -381,9 +375,7 @@ def _groups(offs, device):
 
 
 #: H100, [8192, 7168] bf16: 0.073 ms with 16 rows x 4 warps (81% of copy bandwidth), 0.075 ms
-#: with 32 x 4; 8 rows x 8 warps 0.094 (programs ordered row block first). Ordered tile first
-#: (the kernel now), one launch timed with its launch cost: 0.106 -> 0.098 ms, and at [8192,
-#: 4096] 0.095 -> 0.086 ms.
+#: with 32 x 4; 8 rows x 8 warps 0.094.
 _QUANT_ROWS = 16
 
 
@@ -394,7 +386,7 @@ def quantize_1x128_triton(x, offs=None, block_r: int = _QUANT_ROWS, num_warps: i
     s = torch.ones(R, T, dtype=torch.float32, device=x.device)
     og, G, grouped, gb = _groups(offs, x.device)
     if R and T:
-        _quantize_rows_kernel[(cdiv(R, block_r) * T,)](
+        _quantize_rows_kernel[(cdiv(R, block_r), T)](
             x, q.view(torch.uint8), s, og, G, R, C, T,
             BLOCK_R=block_r, TILE_=TILE, GROUPED=grouped, G_BLOCK=gb, num_warps=num_warps)
     return q, s
@@ -449,18 +441,14 @@ def quantize_128x128_triton(w, dual: bool = False, num_warps: int | None = None)
     s = torch.empty(*lead, NB, KB, dtype=torch.float32, device=w.device)
     if num_warps is None:
         # A 128x128 tile per program spills at 4 warps: on the H100 (triton 3.6) the dual form
-        # ran at 82 GB/s with 4 warps and 1167 GB/s with 16 (a 3-D grid, experts fastest). With
-        # the blocks along K fastest, 8 warps: [32, 4096, 7168] 1.489 -> 1.425 ms (2638 GB/s
-        # read + write, 87% of copy bandwidth), [8, 28672, 4096] 1.444 -> 1.436, [32, 7168,
-        # 2048] 0.738 -> 0.735; 16 warps 1.434 / 1.447 / 0.729, 32 warps or two blocks per
-        # program 25-35% slower.
-        num_warps = 8
+        # ran at 82 GB/s with 4 warps and 1167 GB/s with 16; the single form peaks at 8.
+        num_warps = 16 if dual else 8
     qt = w.new_empty(*lead, K, N, dtype=FP8) if dual else q
     st = w.new_empty(*lead, KB, NB, dtype=torch.float32) if dual else s
     if E and NB and KB:
-        _quantize_blocks_kernel[(E * NB * KB,)](w, q.view(torch.uint8), s, qt.view(torch.uint8),
-                                                st, N, K, NB, KB, TILE_=TILE, DUAL=dual,
-                                                num_warps=num_warps)
+        _quantize_blocks_kernel[(E, NB, KB)](w, q.view(torch.uint8), s, qt.view(torch.uint8), st,
+                                             N, K, NB, KB, TILE_=TILE, DUAL=dual,
+                                             num_warps=num_warps)
     return (q, s, qt, st) if dual else (q, s)
 
 

@@ -230,9 +230,9 @@ def _swiglu_quant_bwd_kernel(dy_ptr, h_ptr, hs_ptr, p_ptr, q_ptr, s_ptr, dp_ptr,
 #: H100, swiglu_quant_save with probs (the flow's call), programs ordered row block first:
 #: P = 65536, I = 2048: 0.480 ms with 8 rows and 2 warps, 0.486 with 16 and 4, 0.569 with 32
 #: and 4 (ptxas gave it 140 registers); P = 16384, I = 14336: 0.731, 0.755, 0.900 ms. Ordered
-#: tile first (the kernel now), in one run against 0.525 / 0.785 ms for the row-first order
-#: with 8 rows and 2 warps: 4 rows and 1 warp 0.417 / 0.701 ms, 8 and 2 0.450 / 0.708,
-#: 16 and 4 0.449 / 0.760 (the same bytes).
+#: tile first (the kernel now) with 4 rows and 1 warp: 0.477 -> 0.382 ms and 0.731 -> 0.666 ms
+#: (CUDA-graph replays, the same instance, the same bytes); in a sweep of single launches 8 rows
+#: and 2 warps and 16 and 4 were 5-15% slower than 4 and 1.
 _BLOCK_R = 4
 _FWD_WARPS = 1
 #: Rows per program of the backward and its warps: more, smaller programs keep more loads in
