@@ -148,11 +148,11 @@ def fp8flow(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None 
             log.warning("fp8flow: saved-activation accounting failed: %s", e)
         gemms = [{"name": g.node.name, "describe": g.describe(), "fp8": g.fp8,
                   "reason": g.reason, "phase": g.phase, "weight": g.weight} for g in ctx.gemms]
-        _LAST.records.append(GraphRecord(graph_name, gemms, rec["casts_naive"],
-                                         rec["casts_after"], saved,
-                                         {k: rec[k] for k in ("before", "naive", "after")},
-                                         ctx.log, rec["casts_by_module"]))
-        made[:] = [_LAST.records[-1]]
+        record = GraphRecord(graph_name, gemms, rec["casts_naive"], rec["casts_after"], saved,
+                             {k: rec[k] for k in ("before", "naive", "after")}, ctx.log,
+                             rec["casts_by_module"])
+        _LAST.records.append(record)
+        made[:] = [record]
         _trace(graph_name, rec)
 
     def graph_pass(g: fx.GraphModule) -> None:

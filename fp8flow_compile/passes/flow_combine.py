@@ -147,17 +147,18 @@ def _share_plans(gm: fx.GraphModule, ctx: Ctx) -> int:
             groups.setdefault((n.args[1], n.args[4]), []).append(n)
     groups = {k: v for k, v in groups.items() if len(v) > 1}  # one call sorts for itself
     for (index, rows), users in groups.items():
-        wrap = all(bool(u.args[5]) if len(u.args) > 5 else bool(u.kwargs.get("wrap", False))
-                   for u in users)
+        wrap = all(_wrap(u) for u in users)
         with gm.graph.inserting_before(users[0]):
             order, bounds = call_multi(gm, ops.index_add_plan.default, (index, rows, wrap), 2,
                                        name="combine_plan")
         for u in users:
-            args = list(u.args) + [False] * (6 - len(u.args))
-            if len(u.args) <= 5:
-                args[5] = u.kwargs.get("wrap", False)
-            u.args = (*args[:6], order, bounds)
+            u.args = (*u.args[:5], _wrap(u), order, bounds)
             u.kwargs = {k: v for k, v in u.kwargs.items() if k != "wrap"}
         ctx.log.append(f"combine: one sort of {index.name} shared by "
                        f"{', '.join(u.name for u in users)}")
     return len(groups)
+
+
+def _wrap(n: fx.Node) -> bool:
+    """The wrap argument of an index_add_rows node, positional or keyword."""
+    return bool(n.args[5]) if len(n.args) > 5 else bool(n.kwargs.get("wrap", False))
