@@ -100,6 +100,7 @@ def with_non_finite(x):
     x[130, 2] = -float("inf")
     x[-1, -1] = -float("nan")
     x[64:68, 40] = float("inf")  # four rows that share one word of the column-wise form
+    x[5, 6] = -0.0  # keeps its sign through the non-finite handling
     return x
 
 
