@@ -45,7 +45,7 @@ def make_h(P, N, seed, kind, dtype=torch.bfloat16):
     up = heavy((P, N), g)
     if kind == "heavy":
         gate = heavy((P, N), g)
-    elif kind == "large":  # saturated sigmoid both ways: exp(-|g|) down to 2^-144
+    elif kind == "large":  # saturated sigmoid both ways: exp(-g) overflows, or down to 2^-144
         gate = 3 * torch.randn(P, N, generator=g)
         mag = torch.tensor([30.0, 100.0])[torch.randint(0, 2, (P, N), generator=g)]
         sign = torch.randint(0, 2, (P, N), generator=g) * 2 - 1

@@ -27,7 +27,7 @@ Everything is computed in fp32: silu(g) = g * sigmoid(g), silu'(g) = sigmoid(g) 
 -88.7 exp(-g) overflows to inf and r is 0: silu is -0 (the exact value is below 2^-120 in
 magnitude), silu' is 0, never inf * 0 = NaN. 1 - r keeps an absolute error of 2^-24 where r is
 near 1 (large g), which moves silu' = r * (1 + g * (1 - r)) by at most g * 2^-24 relative, far
-below the E4M3 step. (A branch-free form from exp(-|g|) keeps full relative precision in both,
+below the E4M3 step. (The form from exp(-|g|) keeps full relative precision in both,
 but its compare and two selects per element made these issue-bound kernels slower.)
 Only a non-finite input gives NaN, as the recipe's NaN rule wants. The Triton kernels and the
 torch references evaluate the same expressions in the same order; they differ only where exp
