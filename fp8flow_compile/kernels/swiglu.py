@@ -241,7 +241,7 @@ _FWD_WARPS = 1
 #: against 0.648 ms.
 _BWD_ROWS = 4
 _BWD_WARPS = 2
-#: Tiles of I per backward program (a grid of row blocks x chunks): at I = 2048 (16 tiles) one
+#: Tiles of I per backward program (one program per row block and chunk): at I = 2048 (16 tiles) one
 #: chunk, the whole row block; at larger I more programs, each with a shorter loop. H100,
 #: P = 16384, I = 14336 (112 tiles), h in FP8: 0.694 ms walking all of I per program, 0.648
 #: with chunks of 16, 0.654 of 8, 0.698 of 4, 0.724 of 32 (8 rows, 4 warps).
