@@ -37,6 +37,12 @@ Per row (JSON keys in brackets):
 
 - [ms] median of `--reps` forward + backward steps timed with CUDA events, after the first call
   (the compile) and `--warmup` steps; gradients are set to None before each step, untimed.
+  [timing] says how: "interleaved" (the default) times every variant of a shape and routing
+  in rounds, one step of each per round, the order rotated each round, so all of them meet
+  the GPU's power and clock states alike (`interleaved_ms`); "sequential" (`--sequential`)
+  times each variant alone after the previous one (the method of the results
+  before round m in docs/benchmarks.md).
+  [ms_all] every timed step, in order.
 - [tflops] the six expert GEMMs only: 3 x 2*P*H*2I (FC1) + 3 x 2*P*I*H (FC2), P = T*k.
 - [peak_bytes] `max_memory_allocated` during one forward + backward (peak stats reset first)
   minus `memory_allocated` before it: beyond the weights and inputs, so the gradients of x,
@@ -64,7 +70,7 @@ Per row (JSON keys in brackets):
 - [speedup] ms of "bf16 compiled" at the same shape and routing / ms.
 
 Results go to stdout (a table per shape at the end), to `<out>/moe_layer_<stamp>.jsonl` (one
-JSON object per row, written and flushed as soon as the row is measured; a failing variant
+JSON object per row, written and flushed when its shape and routing are done; a failing variant
 records its error and the run goes on) and to a PNG bar chart of the speedups.
 `--smoke` runs tiny shapes on the CPU with one timed step: every code path except the CUDA
 timing and memory counters. `--profile VARIANT` prints the top-25 kernels of 3 steps instead.
@@ -79,6 +85,7 @@ timing and memory counters. `--profile VARIANT` prints the top-25 kernels of 3 s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -90,6 +97,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 
 # Compile times are only comparable when nothing was cached by an earlier run: unless the caller
@@ -287,8 +295,11 @@ def torchao_status() -> tuple[bool, str]:
     return True, f"torchao {getattr(torchao, '__version__', '?')}"
 
 
-def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: bool):
-    """(callable, layer module, info dict) for one variant. The callable is what is timed."""
+def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: bool,
+                 reset: bool = True):
+    """(callable, layer module, info dict) for one variant. The callable is what is timed.
+    reset=False keeps Dynamo's caches, so variants compiled earlier stay compiled (interleaved
+    timing keeps them all)."""
     info: dict = {}
     fp8_opts = {"inner": "eager"} if smoke else {}  # Inductor on CPU compiles slowly
     if key == "fp8_hand":
@@ -297,7 +308,8 @@ def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: 
     m = build(RoutedMoE, dims, w13, w2, topw, topi, torch.bfloat16)
     if key == "bf16_eager":
         return m, m, info
-    torch._dynamo.reset()
+    if reset:
+        torch._dynamo.reset()
     if key == "bf16_compiled":
         return torch.compile(m), m, info
     if key in FP8FLOW_KEYS:
@@ -482,23 +494,37 @@ def fp32_reference(dims, w13, w2, topw, topi, x, dy) -> dict:
     return ref
 
 
-def free(dev) -> None:
-    torch._dynamo.reset()
+def free(dev, reset: bool = True) -> None:
+    if reset:
+        torch._dynamo.reset()
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) -> dict:
-    """Measure one variant; every failure becomes the row's `error`. The variant's model,
-    compiled code and gradients are freed before this returns."""
+@dataclasses.dataclass
+class Timed:
+    """A measured variant kept alive for the interleaved timing: one step, and what to clear
+    (the gradients) before it, untimed."""
+    key: str
+    step: Callable[[], None]
+    clear: Callable[[], None]
+
+
+def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
+                ) -> tuple[dict, Timed | None]:
+    """Measure one variant; every failure becomes the row's `error`. With `args.interleave`
+    the row gets no timing yet: the variant is returned as a `Timed` for `interleaved_ms`, its
+    compiled code kept. Otherwise it is timed here, alone, and its model, compiled code and
+    gradients are freed before this returns."""
     row: dict = {"variant": key, "name": VARIANTS[key]}
     before = gemm_backend()
     if key == "fp8flow_triton":
         set_gemm_backend("triton")
     row["gemm_backend"] = gemm_backend()
+    timed = None
     try:
-        _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev)
+        timed = _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev)
     except Skip as e:
         row["skipped"] = str(e)
     except Exception as e:
@@ -506,13 +532,96 @@ def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) ->
         row["traceback"] = traceback.format_exc(limit=-6)
     finally:
         set_gemm_backend(before)
-    free(dev)
-    return row
+    free(dev, reset=not args.interleave)
+    if timed is not None and row["gemm_backend"] != before:
+        timed.step = _on_backend(row["gemm_backend"], timed.step)
+    return row, timed
 
 
-def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) -> None:
+def _on_backend(name: str, step: Callable[[], None]) -> Callable[[], None]:
+    def run():
+        before = gemm_backend()
+        set_gemm_backend(name)
+        try:
+            step()
+        finally:
+            set_gemm_backend(before)
+    return run
+
+
+def shared_compile(case_rows: list[dict]) -> str | None:
+    """The earlier variant of the case whose compiled graphs the last one reuses, if any.
+    Without a Dynamo reset between variants (interleaved timing keeps them all compiled), a
+    module compiled with the same backend and options as an earlier one of the same class gets
+    that one's graphs: fp8flow_triton after fp8flow (its GEMM backend is switched at run time,
+    so the graphs keep fp8flow's host copies of the group ends)."""
+    last = case_rows[-1]
+    if "options" not in last:
+        return None
+    for r in case_rows[:-1]:
+        if r.get("options") == last["options"] and "error" not in r and "skipped" not in r:
+            return r["variant"]
+    return None
+
+
+def round_orders(keys: list[str], rounds: int) -> list[list[str]]:
+    """The variant order of each round of the interleaved timing: the list rotated by one more
+    place each round, so over len(keys) rounds every variant runs once in every position."""
+    n = len(keys)
+    return [keys[r % n:] + keys[:r % n] for r in range(rounds)] if n else []
+
+
+def interleaved_ms(timed: list[Timed], dev, warmup: int, reps: int
+                   ) -> dict[str, list[float] | str]:
+    """Per-variant milliseconds of `reps` steps, timed in rounds of one step of every variant
+    (order from `round_orders`), after `warmup` such rounds untimed. CUDA events on a GPU,
+    wall clock on the CPU; gradients cleared before each step, untimed.
+
+    Why rounds: an H100 running these steps back to back reaches its power limit within about a
+    second and lowers its clocks for a second or more (the profile of `docs/benchmarks.md`); a
+    variant timed alone, after another, meets that state at a point of its run set by what ran
+    before it. In rounds every variant meets the same states in the same proportion.
+    A variant whose step raises is dropped from later rounds; its entry is the error."""
+    out: dict[str, list[float] | str] = {}
+    pending: dict[str, list] = {t.key: [] for t in timed}
+    by_key = {t.key: t for t in timed}
+    cuda = dev.type == "cuda"
+    for r, order in enumerate(round_orders([t.key for t in timed], warmup + reps)):
+        for key in order:
+            if key in out:
+                continue
+            t = by_key[key]
+            try:
+                t.clear()
+                if r < warmup:
+                    t.step()
+                    continue
+                if cuda:
+                    s = torch.cuda.Event(enable_timing=True)
+                    e = torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    t.step()
+                    e.record()
+                    pending[key].append((s, e))
+                else:
+                    t0 = time.perf_counter()
+                    t.step()
+                    pending[key].append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:
+                out[key] = f"{type(e).__name__}: {e}"
+    sync(dev)
+    for key, got in pending.items():
+        if key not in out:
+            out[key] = [s.elapsed_time(e) for s, e in got] if cuda else got
+    for t in timed:
+        t.clear()
+    return out
+
+
+def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
+             ) -> Timed | None:
     fn, layer, info = make_variant(key, dims, w13, w2, topw, topi, loads, args.align,
-                                   args.smoke)
+                                   args.smoke, reset=not args.interleave)
     row.update(info)
     xg = x.detach().requires_grad_(True)
     params = [layer.w13, layer.w2]
@@ -575,11 +684,18 @@ def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev) 
         lambda: fn(xg), [xg, *layer.parameters()], experts=dims[3])
     row["saved_act_bytes"] = row["saved_bytes_hooks"] - row["saved_weight_bytes"]
 
-    times = time_ms(step, clear, dev, args.warmup, args.reps)
+    clear()
+    if args.interleave:
+        return Timed(key, step, clear)
+    set_times(row, time_ms(step, clear, dev, args.warmup, args.reps), dims)
+    clear()
+    return None
+
+
+def set_times(row: dict, times: list[float], dims) -> None:
     row["ms_all"] = times
     row["ms"] = statistics.median(times)
     row["tflops"] = gemm_flops(dims) / (row["ms"] * 1e-3) / 1e12
-    clear()
 
 
 # -------------------------------------------------------------------------------------- output
@@ -804,10 +920,13 @@ def parse_args(argv=None):
     p.add_argument("--routings", default=",".join(ROUTINGS), help="comma list: balanced, skewed")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma list of " + ", ".join(VARIANTS))
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; "
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 40; "
                    "smoke 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions after the first "
                    "call (default 5; smoke 0)")
+    p.add_argument("--sequential", dest="interleave", action="store_false",
+                   help="time each variant alone, one after another (default: all variants of "
+                   "a shape and routing in interleaved rounds, see interleaved_ms)")
     p.add_argument("--align", type=int, default=16, help="expert loads are multiples of this "
                    "(torchao's FP8 grouped GEMM needs 16; 1 for unaligned skewed loads)")
     p.add_argument("--seed", type=int, default=0)
@@ -831,7 +950,7 @@ def parse_args(argv=None):
     args.shapes = split(args.shapes, SHAPES, "shapes")
     args.routings = split(args.routings, ROUTINGS, "routings")
     args.variants = [v for v in VARIANTS if v in split(args.variants, VARIANTS, "variants")]
-    args.reps = args.reps or (1 if args.smoke else 20)
+    args.reps = args.reps or (1 if args.smoke else 40)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 5)
     return args
 
@@ -861,6 +980,20 @@ def report(paths: list[str], out: str) -> None:
     plot(list(rows.values()), order, os.path.join(out, f"moe_layer_report_{stamp}.png"))
 
 
+def log_row(row: dict) -> None:
+    if "error" in row:
+        log(f"  {row['name']:<20} ERROR {short(row['error'], 300)}")
+        if row.get("traceback"):
+            log("    " + row["traceback"].strip()[-1500:].replace("\n", "\n    "))
+    elif "skipped" in row:
+        log(f"  {row['name']:<20} skipped: {row['skipped']}")
+    else:
+        log(f"  {row['name']:<20} {row['ms']:9.3f} ms "
+            f"{row['tflops']:7.1f} TFLOP/s  first call {row['first_call_s']:.1f} s"
+            f"  err out {fmt(row.get('err_out'), '.1e')}"
+            f" dw13 {fmt(row.get('err_dw13'), '.1e')}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.report:
@@ -888,6 +1021,7 @@ def main(argv=None) -> None:
     rows: list[dict] = []
     # The baseline first, so every row's speedup is known when the row is written.
     run_order = sorted(args.variants, key=lambda v: v != BASELINE)
+    timing = "interleaved" if args.interleave else "sequential"
     with open(jpath, "w") as jf:
         jf.write(to_json({"kind": "env", **env, "args": vars(args)}) + "\n")
         jf.flush()
@@ -916,29 +1050,42 @@ def main(argv=None) -> None:
                 free(dev)
                 log(f"  fp32 reference: {ref.get('how', 'failed')} "
                     f"({time.perf_counter() - t0:.1f} s)")
-                base_ms = None
+                case_rows, timed = [], []
                 for key in run_order:
-                    row = run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args,
-                                      dev)
-                    row = {"kind": "row", "shape": shape, "routing": routing, "dims": dims,
-                           "loads": loads, "align": args.align, "ref": ref.get("how"), **row}
-                    if key == BASELINE and row.get("ms"):
-                        base_ms = row["ms"]
+                    row, kept = run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref,
+                                            args, dev)
+                    case_rows.append({"kind": "row", "shape": shape, "routing": routing,
+                                      "dims": dims, "loads": loads, "align": args.align,
+                                      "ref": ref.get("how"), "timing": timing, **row})
+                    if kept is not None:
+                        timed.append(kept)
+                        same = shared_compile(case_rows)
+                        if same:
+                            case_rows[-1]["compile_shared_with"] = same
+                        log(f"  {row['name']:<20} first call {row['first_call_s']:.1f} s"
+                            + (f" (Dynamo reused the graphs of {same}: same backend and "
+                               "options)" if same else "") + "; timed below")
+                    else:
+                        log_row(case_rows[-1])
+                if timed:
+                    got = interleaved_ms(timed, dev, args.warmup, args.reps)
+                    for row in case_rows:
+                        t = got.get(row["variant"])
+                        if isinstance(t, str):
+                            row["error"], row["traceback"] = t, ""
+                        elif t is not None:
+                            set_times(row, t, dims)
+                    del timed, got
+                base_ms = next((r["ms"] for r in case_rows
+                                if r["variant"] == BASELINE and r.get("ms")), None)
+                for row in case_rows:
                     if base_ms and row.get("ms"):
                         row["speedup"] = base_ms / row["ms"]
+                    if args.interleave:
+                        log_row(row)
                     rows.append(row)
                     jf.write(to_json(row) + "\n")
-                    jf.flush()
-                    if "error" in row:
-                        log(f"  {row['name']:<20} ERROR {short(row['error'], 300)}")
-                        log("    " + row["traceback"].strip()[-1500:].replace("\n", "\n    "))
-                    elif "skipped" in row:
-                        log(f"  {row['name']:<20} skipped: {row['skipped']}")
-                    else:
-                        log(f"  {row['name']:<20} {row['ms']:9.3f} ms "
-                            f"{row['tflops']:7.1f} TFLOP/s  first call {row['first_call_s']:.1f} s"
-                            f"  err out {fmt(row.get('err_out'), '.1e')}"
-                            f" dw13 {fmt(row.get('err_dw13'), '.1e')}")
+                jf.flush()
                 del topw, topi, w13, w2, x, dy, ref
                 free(dev)
     print_tables(rows, shapes, args.variants)
