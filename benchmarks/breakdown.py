@@ -118,8 +118,14 @@ def op_bytes(name: str, args: dict) -> int | None:
         return reads + n + 4 * n // (TILE * TILE)
     if op in ("quantize_1x128", "quantize_1x128_col"):
         return reads + n + 4 * n // TILE
-    if op == "scaling_aware_transpose":  # q and s in, the same amounts out
-        return 2 * (_bytes(ins[0]) + _bytes(ins[1]))
+    if op == "scaling_aware_transpose":
+        if len(ins) > 4 and len(ins[4][0]) == 1:
+            # src_row: the gathered rows transposed. Like the gather's floor, the source rows
+            # (q, s) and the index read once; each of the P rows written once, transposed.
+            rows = ins[4][0][0]
+            row_bytes = sum(_bytes(t) // max(t[0][0], 1) for t in ins[:2] if t[0])
+            return _bytes(ins[0]) + _bytes(ins[1]) + _bytes(ins[4]) + rows * row_bytes
+        return 2 * (_bytes(ins[0]) + _bytes(ins[1]))  # q and s in, the same amounts out
     if op in ("permute_pad_fp8", "permute_pad"):
         # out[r] = in[src_row[r]]: the inputs read once, each of the P output rows written once
         rows = _numel(ins[-1][0])

@@ -67,6 +67,11 @@ def test_op_bytes_formulas():
     assert op_bytes("fp8flow::scaling_aware_transpose",
                     {"Input Dims": [[P, H], [P, H // 128], [4], []],
                      "Input type": [FP8, F32, I32, "Scalar"]}) == 2 * (P * H + P * H // 128 * 4)
+    # with src_row, like a gather: the T source rows and the index read once, P rows written
+    assert op_bytes("fp8flow::scaling_aware_transpose",
+                    {"Input Dims": [[T, H], [T, H // 128], [4], [], [P]],
+                     "Input type": [FP8, F32, I32, "Scalar", I32]}
+                    ) == (T + P) * (H + H // 128 * 4) + 4 * P
     # a gather: its inputs read once, each of its P output rows written once
     assert op_bytes("fp8flow::permute_pad_fp8",
                     {"Input Dims": [[T, H], [T, H // 128], [P]], "Input type": [FP8, F32, I32]}

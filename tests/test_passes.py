@@ -232,10 +232,12 @@ def test_host_offs_is_copied_once_per_step_and_saved_for_backward(monkeypatch):
     assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 0.1
 
 
-def test_recompute_gathers_fp8_rows_again_in_the_backward(monkeypatch):
-    """The backward regathers the permuted FP8 input instead of keeping it: fewer FP8 bytes
-    saved (the ungathered input instead of its k-fold gather), bit-identical gradients."""
-    from fp8flow_compile.passes import flow_recompute
+def test_backward_reads_the_fp8_tokens_through_the_gather_index(monkeypatch):
+    """The FC1 wgrad's transpose reads the saved FP8 tokens through the gather's index
+    (flow_gather); without that pass the backward gathers them again (flow_recompute); without
+    either it keeps the gathered rows. Gradients are bit-identical in all three; the first two
+    keep the ungathered input (fewer FP8 bytes than its k-fold gather)."""
+    from fp8flow_compile.passes import flow_gather, flow_recompute
     torch.manual_seed(0)
     m = MoE(256, 128, 4, 2)
     x = torch.randn(48, 256, dtype=torch.bfloat16)
@@ -249,16 +251,22 @@ def test_recompute_gathers_fp8_rows_again_in_the_backward(monkeypatch):
         rec = ff.last_report().records[-1]
         return (y, xr.grad, mm.w13.grad, mm.w2.grad), rec
 
-    with_rc, rec = run()
-    assert any("gathered again in the backward" in line for line in rec.log)
+    def fp8_saved(rec):
+        return rec.saved_bytes["fp8flow"]["float8_e4m3fn"]
+
+    via_index, rec = run()
+    assert sum("through its index" in line for line in rec.log) == 2  # x and the output grad
+    assert not any("gathered again in the backward" in line for line in rec.log)
+    monkeypatch.setattr(flow_gather, "run", lambda gm, ctx: gm)
+    regather, rec_rc = run()
+    assert any("gathered again in the backward" in line for line in rec_rc.log)
     monkeypatch.setattr(flow_recompute, "run", lambda gm, ctx: gm)
-    without, rec0 = run()
-    for a, b in zip(with_rc, without):
-        assert torch.equal(a, b)
-    fp8 = rec.saved_bytes["fp8flow"]["float8_e4m3fn"]
-    fp8_0 = rec0.saved_bytes["fp8flow"]["float8_e4m3fn"]
+    kept, rec0 = run()
+    for a, b, c in zip(via_index, regather, kept):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert fp8_saved(rec) == fp8_saved(rec_rc)
     # [48, 256] bytes of x instead of its 2-fold gather [96, 256]: 12288 fewer
-    assert fp8_0 - fp8 == 48 * 256
+    assert fp8_saved(rec0) - fp8_saved(rec) == 48 * 256
 
 
 def test_save_keeps_the_swiglu_input_in_fp8(moe_setup):  # noqa: F811  (the imported fixture)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from fp8flow_compile.errors import Fp8Unsupported
 from fp8flow_compile.kernels import transpose as tr
 from fp8flow_compile.kernels.groups import aligned_width, max_tiles, pad_offsets, tile_bounds
+from fp8flow_compile.kernels.permute import permute_pad_fp8_ref
 from fp8flow_compile.kernels.quantize import (
     dequantize_1x128_ref,
     quantize_1x128_col_ref,
@@ -214,6 +215,55 @@ def test_offsets_out_of_order_or_range(offs, align):
                  tr.scaling_aware_transpose_ref(q, s, o, align))
 
 
+def _gather_index(T: int, P: int, seed: int, pads: int = 0) -> torch.Tensor:
+    """A top-k-like gather of P rows from T tokens (each token several times, in no order),
+    with `pads` entries of -1 (pad rows) spread through it."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, T, (P,), generator=g)
+    if pads:
+        idx[torch.randperm(P, generator=g)[:pads]] = -1
+    return idx.to(torch.int32)
+
+
+@pytest.mark.parametrize("offs, align, pads", [
+    (None, 1, 0), (None, 1, 9), ([37, 37, 141, 300], 16, 0), ([37, 37, 141, 300], 1, 5),
+    ([0, 130, 130, 259], 16, 7), ([3, 5, 6, 300], 16, 0)])
+def test_gathered_rows_equal_gather_then_transpose(offs, align, pads):
+    """src_row: the kernel's bytes and scales equal the plain transpose of permute_pad_fp8's
+    rows (bit for bit: the gather is a copy, pad rows zero with scale 1), on both the word
+    path (align 16) and the byte path (align 1, tiles off 4-row boundaries)."""
+    T, P, K = 97, 300, 256
+    q, s = quantize_1x128_ref(_rows_data(T, K, seed=T + pads))
+    idx = _gather_index(T, P, seed=len(offs or []) + pads, pads=pads)
+    o = None if offs is None else torch.tensor(offs, dtype=torch.int32)
+    qp, sp = permute_pad_fp8_ref(q, s, idx)
+    want = tr.scaling_aware_transpose_ref(qp, sp, o, align)
+    _assert_same(tr.scaling_aware_transpose_ref(q, s, o, align, idx), want)
+    _assert_same(tr.scaling_aware_transpose_triton(q, s, o, align, idx), want)
+    _assert_same(torch.ops.fp8flow.scaling_aware_transpose(q, s, o, align, idx), want)
+
+
+def test_gathered_rows_from_no_rows_are_pad_rows():
+    q, s = quantize_1x128_ref(torch.randn(0, 128))
+    idx = torch.full((20,), -1, dtype=torch.int32)
+    qT, sT = tr.scaling_aware_transpose_triton(q, s, None, 1, idx)
+    assert qT.shape == (128, 20) and (_bytes(qT) == 0).all() and (sT == 1).all()
+    _assert_same((qT, sT), tr.scaling_aware_transpose_ref(q, s, None, 1, idx))
+
+
+def test_bad_src_row():
+    q, s = quantize_1x128_ref(torch.randn(64, 128))
+    op = torch.ops.fp8flow.scaling_aware_transpose
+    with pytest.raises(Fp8Unsupported, match="src_row values must lie in"):
+        op(q, s, None, 1, torch.tensor([0, 64], dtype=torch.int32))
+    with pytest.raises(Fp8Unsupported, match="src_row values must lie in"):
+        op(q, s, None, 1, torch.tensor([-2, 3], dtype=torch.int32))
+    with pytest.raises(Fp8Unsupported, match="src_row must have dtype"):
+        op(q, s, None, 1, torch.tensor([0, 3]))
+    with pytest.raises(Fp8Unsupported, match="src_row must be 1-D"):
+        op(q, s, None, 1, torch.zeros(2, 2, dtype=torch.int32))
+
+
 def test_no_rows():
     q, s = quantize_1x128_ref(torch.randn(0, 256))
     o = torch.tensor([0, 0], dtype=torch.int32)
@@ -374,7 +424,8 @@ def test_op_registered_and_fake():
     got = torch.ops.fp8flow.scaling_aware_transpose(q, s, offs)
     _assert_same(got, tr.scaling_aware_transpose_ref(q, s, offs))
     # test_schema is left out: its own checker multiplies the FP8 output, which CPU torch lacks.
-    for args in ((q, s, offs), (q, s), (q, s, offs, 16)):
+    idx = _gather_index(150, 200, seed=3, pads=4)
+    for args in ((q, s, offs), (q, s), (q, s, offs, 16), (q, s, offs, 16, idx)):
         torch.library.opcheck(tr.scaling_aware_transpose, args,
                               test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -403,6 +454,19 @@ def test_gpu_aligned_layout_matches_reference():
     o = torch.tensor([0, 999, 999, 1777, 3001, 4000], dtype=torch.int32)
     got = torch.ops.fp8flow.scaling_aware_transpose(q.cuda(), s.cuda(), o.cuda(), 16)
     _assert_same((got[0].cpu(), got[1].cpu()), tr.scaling_aware_transpose_ref(q, s, o, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("align", [1, 16])
+def test_gpu_gathered_rows_match_reference(align):
+    T, P, K = 1500, 4100, 1024
+    q, s = quantize_1x128_ref(_rows_data(T, K, seed=4))
+    idx = _gather_index(T, P, seed=5, pads=33)
+    o = torch.tensor([0, 999, 999, 1777, 3001, 4000], dtype=torch.int32)
+    got = torch.ops.fp8flow.scaling_aware_transpose(q.cuda(), s.cuda(), o.cuda(), align,
+                                                    idx.cuda())
+    qp, sp = permute_pad_fp8_ref(q, s, idx)
+    _assert_same((got[0].cpu(), got[1].cpu()), tr.scaling_aware_transpose_ref(qp, sp, o, align))
 
 
 @pytest.mark.gpu

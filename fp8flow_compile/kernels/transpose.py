@@ -13,6 +13,13 @@ qT [K, M] E4M3 and sT [K, T], T = max_tiles(M, G) (cdiv(M, 128) without groups):
 `quantize_1x128_col(x, offs)` produces. Tiles of up to 128 rows along M restart at each group
 start; rows outside every group become zero bytes; unused scale slots hold 1.
 
+With `src_row` (int32 [M]) the rows are gathered on the way in: row r of the input is
+q[src_row[r]] (scale row s[src_row[r]]), a zero row with scale 1 where src_row[r] < 0, as
+`permute_pad_fp8(q, s, src_row)` would make them; q then has any number of rows. The result is
+that of the gather followed by the transpose, bit for bit, without writing and reading the
+gathered rows: the backward's second gather of the tokens for the FC1 wgrad is this
+(passes/flow_gather.py).
+
 Numerics
 --------
 For a tile slot (rows [start, end)) and a 128-column block kb, the new scale is
@@ -57,6 +64,7 @@ from .groups import (
     pad_offsets,
     tile_bounds,
 )
+from .permute import permute_pad_fp8_ref
 from .quantize import check_align, raster, slot_ranges, tile_table
 
 _OP = "scaling_aware_transpose"
@@ -65,11 +73,15 @@ _OP = "scaling_aware_transpose"
 # ---------------------------------------------------------------- torch reference (any device)
 
 def scaling_aware_transpose_ref(q: torch.Tensor, s: torch.Tensor,
-                                offs: torch.Tensor | None = None, align: int = 1
+                                offs: torch.Tensor | None = None, align: int = 1,
+                                src_row: torch.Tensor | None = None
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The transpose computed by dequantizing in float64 (exact for E4M3 values times
     power-of-two scales), dividing by the new scale and letting torch round to E4M3. The
-    aligned layout is the plain one of the rows zero-padded per group (zero bytes, scale 1)."""
+    aligned layout is the plain one of the rows zero-padded per group (zero bytes, scale 1).
+    src_row: the rows gathered first (permute_pad_fp8's reference)."""
+    if src_row is not None:
+        q, s = permute_pad_fp8_ref(q, s, src_row)
     if offs is not None and align > 1:
         M = q.shape[0]
         qp = pad_groups(q.view(torch.uint8), offs, align).view(FP8)
@@ -164,13 +176,24 @@ def _new_scale(sc_ex):
 
 
 @triton.jit
-def _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, ostart, oend, live, M, PM, K, KB, kb,
-                     TILE_: tl.constexpr):
+def _source_rows(src_ptr, rows, lmask, GATHER: tl.constexpr):
+    """The rows of q to read for the input rows `rows` (masked by lmask): themselves, or with
+    GATHER src_row[rows], a row < 0 (a pad row of the gather) masked off, so it reads as zero
+    bytes, which the new scale ignores and the rescale keeps zero."""
+    if GATHER:
+        src = tl.load(src_ptr + rows, mask=lmask, other=-1)
+        return src, lmask & (src >= 0)
+    return rows, lmask
+
+
+@triton.jit
+def _transpose_bytes(q_ptr, s_ptr, qt_ptr, src_ptr, start, end, ostart, oend, live, M, PM, K, KB,
+                     kb, TILE_: tl.constexpr, GATHER: tl.constexpr):
     # Byte stores: any tile. The layout change goes through shared memory as bytes.
     rows = start + tl.arange(0, TILE_)
     cols = kb * TILE_ + tl.arange(0, TILE_)
-    lmask = (rows < end) & (rows < M) & live
-    byte, s_ex, live_ex = _load_block(q_ptr, s_ptr, rows, cols, lmask, K, KB, kb)
+    src, lmask = _source_rows(src_ptr, rows, (rows < end) & (rows < M) & live, GATHER)
+    byte, s_ex, live_ex = _load_block(q_ptr, s_ptr, src, cols, lmask, K, KB, kb)
     sc_ex = _new_scale(tl.max(live_ex, axis=0))
     k = tl.maximum(sc_ex - s_ex, 0)  # negative only for all-zero rows, whose bytes stay zero
     out = tl.trans(rescale_e4m3(byte, k[:, None]).to(tl.uint8))
@@ -271,8 +294,8 @@ def _load_words(q32_ptr, s_ptr, rows, w, lmask, K4, KB, kb):
 
 
 @triton.jit
-def _transpose_words(q32_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live, PM, K, KB, kb,
-                     TILE_: tl.constexpr):
+def _transpose_words(q32_ptr, s_ptr, qt32_ptr, src_ptr, start, end, ostart, oend, live, PM, K, KB,
+                     kb, TILE_: tl.constexpr, GATHER: tl.constexpr):
     # Word loads and stores: output tiles that start and end on multiples of 4 (PM too). The
     # input is read as words (4 columns of a row) for rows 4g + i, i = 0..3, all four sets in
     # the same layout; each word is rescaled whole (its 4 bytes share the row's shift); the
@@ -283,10 +306,14 @@ def _transpose_words(q32_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live, P
     w = tl.arange(0, TILE_ // 4)
     K4 = K // 4
     r0 = start + 4 * g
-    x0, e0, l0 = _load_words(q32_ptr, s_ptr, r0, w, (r0 < end) & live, K4, KB, kb)
-    x1, e1, l1 = _load_words(q32_ptr, s_ptr, r0 + 1, w, (r0 + 1 < end) & live, K4, KB, kb)
-    x2, e2, l2 = _load_words(q32_ptr, s_ptr, r0 + 2, w, (r0 + 2 < end) & live, K4, KB, kb)
-    x3, e3, l3 = _load_words(q32_ptr, s_ptr, r0 + 3, w, (r0 + 3 < end) & live, K4, KB, kb)
+    s0, m0 = _source_rows(src_ptr, r0, (r0 < end) & live, GATHER)
+    s1, m1 = _source_rows(src_ptr, r0 + 1, (r0 + 1 < end) & live, GATHER)
+    s2, m2 = _source_rows(src_ptr, r0 + 2, (r0 + 2 < end) & live, GATHER)
+    s3, m3 = _source_rows(src_ptr, r0 + 3, (r0 + 3 < end) & live, GATHER)
+    x0, e0, l0 = _load_words(q32_ptr, s_ptr, s0, w, m0, K4, KB, kb)
+    x1, e1, l1 = _load_words(q32_ptr, s_ptr, s1, w, m1, K4, KB, kb)
+    x2, e2, l2 = _load_words(q32_ptr, s_ptr, s2, w, m2, K4, KB, kb)
+    x3, e3, l3 = _load_words(q32_ptr, s_ptr, s3, w, m3, K4, KB, kb)
     sc_ex = _new_scale(tl.max(tl.maximum(tl.maximum(l0, l1), tl.maximum(l2, l3))))
     y0 = rescale_words(x0, tl.maximum(sc_ex - e0, 0)[:, None])
     y1 = rescale_words(x1, tl.maximum(sc_ex - e1, 0)[:, None])
@@ -304,9 +331,9 @@ def _transpose_words(q32_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live, P
 
 
 @triton.jit
-def _transpose_kernel(q_ptr, q32_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, table_ptr, M, PM, K, KB,
-                      T, TILE_: tl.constexpr, GROUPED: tl.constexpr, WORDS: tl.constexpr,
-                      GROUP_T):
+def _transpose_kernel(q_ptr, q32_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, table_ptr, src_ptr, M, PM,
+                      K, KB, T, TILE_: tl.constexpr, GROUPED: tl.constexpr, WORDS: tl.constexpr,
+                      GATHER: tl.constexpr, GROUP_T):
     # One program per (tile slot t, column block kb): reads q[start:end, block] and s[rows, kb],
     # writes qT[block, ostart:oend] and sT[block, t]. The output range is the input range
     # or its place in the aligned layout (kernels.groups), padding included: grouped, read
@@ -320,14 +347,14 @@ def _transpose_kernel(q_ptr, q32_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, table_ptr
     cols = kb * TILE_ + tl.arange(0, TILE_)
     if WORDS:
         if (ostart % 4 == 0) & (oend % 4 == 0):
-            sc_ex = _transpose_words(q32_ptr, s_ptr, qt32_ptr, start, end, ostart, oend, live,
-                                     PM, K, KB, kb, TILE_)
+            sc_ex = _transpose_words(q32_ptr, s_ptr, qt32_ptr, src_ptr, start, end, ostart,
+                                     oend, live, PM, K, KB, kb, TILE_, GATHER)
         else:
-            sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, ostart, oend, live, M,
-                                     PM, K, KB, kb, TILE_)
+            sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, src_ptr, start, end, ostart, oend,
+                                     live, M, PM, K, KB, kb, TILE_, GATHER)
     else:
-        sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, start, end, ostart, oend, live, M, PM,
-                                 K, KB, kb, TILE_)
+        sc_ex = _transpose_bytes(q_ptr, s_ptr, qt_ptr, src_ptr, start, end, ostart, oend, live,
+                                 M, PM, K, KB, kb, TILE_, GATHER)
     sc = (sc_ex << 23).to(tl.float32, bitcast=True)
     tl.store(st_ptr + cols.to(tl.int64) * T + t, sc + tl.zeros([TILE_], tl.float32))
 
@@ -336,9 +363,11 @@ def _transpose_kernel(q_ptr, q32_ptr, s_ptr, qt_ptr, qt32_ptr, st_ptr, table_ptr
 
 def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
                                    offs: torch.Tensor | None = None, align: int = 1,
+                                   src_row: torch.Tensor | None = None,
                                    num_warps: int | None = None, words: bool = True,
                                    group_t: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor]:
-    M, K = q.shape
+    K = q.shape[1]
+    M = q.shape[0] if src_row is None else src_row.shape[0]
     KB = K // TILE
     G = None if offs is None else offs.numel()
     PM = M if offs is None else aligned_width(M, G, align)
@@ -348,26 +377,32 @@ def scaling_aware_transpose_triton(q: torch.Tensor, s: torch.Tensor,
     sT = torch.empty(K, T, dtype=torch.float32, device=q.device)
     grouped = offs is not None
     # int32 views: of [K, 0] bytes one fails; q's rows are whole words (K % 128 == 0)
-    words = words and PM % 4 == 0 and PM > 0 and q.data_ptr() % 4 == 0 and M > 0
+    words = words and PM % 4 == 0 and PM > 0 and q.data_ptr() % 4 == 0 and q.shape[0] > 0
     # H100, DeepSeek-V3 [66016, 7168] in the aligned layout: 16 warps 0.42 ms with the tile
     # table (0.51 ms searching the groups in every program), 8 warps 0.49, 4 warps 0.51.
     # group_t (the launch order in bands, quantize.raster): the plain order was fastest
     # (bands of 8 or 32 slots 0.51 / 0.49 ms).
     num_warps = num_warps or 16
-    if T and KB:
+    if T and KB and (q.shape[0] or src_row is None):
         qt8 = qT.view(torch.uint8)
         q8 = q.view(torch.uint8)
         table = tile_table(offs, M, PM, T, align) if grouped else sT
         _transpose_kernel[(T * KB,)](
             q8, q8.view(torch.int32) if words else q8, s, qt8,
-            qt8.view(torch.int32) if words else qt8, sT, table, M, PM, K, KB, T, TILE_=TILE,
-            GROUPED=grouped, WORDS=words, GROUP_T=min(group_t, T), num_warps=num_warps)
+            qt8.view(torch.int32) if words else qt8, sT, table,
+            sT if src_row is None else src_row, M, PM, K, KB, T, TILE_=TILE,
+            GROUPED=grouped, WORDS=words, GATHER=src_row is not None, GROUP_T=min(group_t, T),
+            num_warps=num_warps)
+    elif T and KB:  # gathering from no rows: every row is a pad row
+        qT.zero_()
+        sT.fill_(1.0)
     return qT, sT
 
 
 # ---------------------------------------------------------------- checks and custom op
 
-def _check(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None, align: int) -> None:
+def _check(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None, align: int,
+           src_row: torch.Tensor | None = None) -> None:
     require(q.dim() == 2, _OP, f"data must be 2-D, got shape {tuple(q.shape)}")
     require_dtype(q, (FP8,), _OP, "data")
     require_dtype(s, (torch.float32,), _OP, "scales")
@@ -382,23 +417,38 @@ def _check(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None, align: i
         require(offs.device == q.device, _OP, "offs must be on the device of the data")
     require(s.device == q.device, _OP, "scales must be on the device of the data")
     check_align(align, offs, _OP)
+    if src_row is not None:
+        require(src_row.dim() == 1, _OP, f"src_row must be 1-D, got shape {tuple(src_row.shape)}")
+        require_dtype(src_row, (torch.int32,), _OP, "src_row")
+        require(src_row.is_contiguous(), _OP, "src_row must be contiguous")
+        require(src_row.device == q.device, _OP, "src_row must be on the device of the data")
+        if src_row.device.type == "cpu" and src_row.numel():
+            # on the GPU this would cost a device sync: the gather's producer guarantees it
+            lo, hi = int(src_row.min()), int(src_row.max())
+            require(lo >= -1 and hi < M, _OP,
+                    f"src_row values must lie in [-1, {M}) (rows of the data), got [{lo}, {hi}]")
 
 
 @torch.library.custom_op("fp8flow::scaling_aware_transpose", mutates_args=())
 def scaling_aware_transpose(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None = None,
-                            align: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                            align: int = 1, src_row: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise 1x128 FP8 (q [M, K], s [M, K/128]) -> column-wise 1x128 FP8 (qT [K, W],
     sT [K, T]) as quantize_1x128_col lays it out, tiles along M restarting at groups of `offs`.
     W = M, or with align > 1 the aligned group layout of kernels.groups (read it with
-    `pad_offsets(offs, align)` as its group ends)."""
-    _check(q, s, offs, align)
+    `pad_offsets(offs, align)` as its group ends). src_row (int32 [M'], values in [-1, M)):
+    transpose the rows gathered by it instead (`permute_pad_fp8(q, s, src_row)`, -1 a zero
+    row), without making them; M' then takes M's place above."""
+    _check(q, s, offs, align, src_row)
     fn = scaling_aware_transpose_triton if use_triton(q) else scaling_aware_transpose_ref
-    return fn(q, s, offs, align)
+    return fn(q, s, offs, align, src_row)
 
 
 @scaling_aware_transpose.register_fake
-def _(q, s, offs=None, align=1):
+def _(q, s, offs=None, align=1, src_row=None):
     M, K = q.shape
+    if src_row is not None:
+        M = src_row.shape[0]
     G = None if offs is None else offs.shape[0]
     W = M if offs is None else aligned_width(M, G, align)
     return q.new_empty(K, W, dtype=FP8), q.new_empty(K, max_tiles(W, G), dtype=torch.float32)

@@ -4,6 +4,7 @@ Order on the joint graph: find_gemms -> insert_qdq (the naive FP8 graph, counted
 flow_reuse -> flow_hoist -> flow_fuse -> dedupe (counted again) -> flow_save (the backward keeps
 the SwiGLU input in FP8) -> flow_combine (the MoE combine's scatter-adds, no casts involved) ->
 flow_probs (the routing weight moves into the SwiGLU; the FC2 output gradient is gathered in FP8) ->
+flow_gather (transposes of gathered rows read them through the gather's index) ->
 flow_recompute (the backward gathers FP8 rows again rather than keeping them); with the flow or
 without, schedule last (the forward issues the weight quantization while the host catches up).
 """
@@ -20,6 +21,7 @@ from . import (
     find_gemms,
     flow_combine,
     flow_fuse,
+    flow_gather,
     flow_hoist,
     flow_probs,
     flow_recompute,
@@ -31,7 +33,7 @@ from . import (
 from .graph import Ctx, backward_nodes
 
 FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_save, flow_combine, flow_probs,
-        flow_recompute)
+        flow_gather, flow_recompute)
 
 
 def _phase_counts(gm: fx.GraphModule, bwd: set) -> dict[str, dict[str, int]]:

@@ -41,7 +41,7 @@ _INDEX_OPS = {aten.lt.Scalar, aten.add.Tensor, aten.add.Scalar, aten.where.self,
               prims.convert_element_type.default}
 
 
-def _index_chain(idx: fx.Node) -> list[fx.Node]:
+def index_chain(idx: fx.Node) -> list[fx.Node]:
     """The elementwise nodes that make the gather's index from graph inputs (flow_hoist's
     wrap of negative indices and its int32 cast), or [] if it is made otherwise. They are
     recomputed with the gather, so the backward keeps the token index it needs anyway rather
@@ -73,7 +73,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         size_out = _nbytes(val(n))
         if size_out <= size_in:
             continue
-        for m in (n, *outs, *_index_chain(n.args[2])):
+        for m in (n, *outs, *index_chain(n.args[2])):
             m.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         ctx.log.append(f"recompute: {n.name} (permute_pad_fp8, {_fmt(size_out)} out from "
                        f"{_fmt(size_in)} in) is gathered again in the backward instead of saved")
