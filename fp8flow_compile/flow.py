@@ -10,7 +10,9 @@ backward : dy --quantize_1x128 (cast 2)--> permute_pad_fp8 --> FC2 dgrad / wgrad
            (wgrad operands from scaling_aware_transpose) --> swiglu_quant_backward (FP8 dh,
            dprobs) --> FC1 dgrad / wgrad (transpose again) --> unpermute (BF16, sums the slots)
 
-Saved for backward: the permuted FP8 input and the FP8 SwiGLU output with their scales, the
+Saved for backward: the FP8 input (in token order: the FC1 wgrad transposes it through the
+gather's index, `scaling_aware_transpose(..., src_row)`) and the FP8 SwiGLU output with their
+scales, the
 quantized weights, and the FC1 output h in FP8 (1x128 tiles, written by the SwiGLU op from the
 same pass over h; the SwiGLU backward reads it dequantized, as DeepSeek-V3 does). The two
 activation/gradient casts left are x and dy; the weights are quantized once per step in 128x128
@@ -44,14 +46,15 @@ class _MoEExpertsFlow(torch.autograd.Function):
         aq, as_, hq, hs = ops.swiglu_quant_save(h, probs_p)
         y = ops.grouped_gemm_fp8(aq, as_, w2q, w2s, maps.offs_pad, True, x.dtype)
         out = ops.unpermute(y, maps.pos, None)
-        ctx.save_for_backward(xq_p, xs_p, aq, as_, hq, hs, probs_p, w13qT, w13sT, w2qT, w2sT,
+        # the backward transposes the tokens through the gather's index: keep them ungathered
+        ctx.save_for_backward(xq, xs, aq, as_, hq, hs, probs_p, w13qT, w13sT, w2qT, w2sT,
                               maps.src_row, maps.pos, maps.offs_pad)
         ctx.dtypes = (x.dtype, topw.dtype, w13.dtype, w2.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        (xq_p, xs_p, aq, as_, hq, hs, probs_p, w13qT, w13sT, w2qT, w2sT,
+        (xq, xs, aq, as_, hq, hs, probs_p, w13qT, w13sT, w2qT, w2sT,
          src_row, pos, offs_pad) = ctx.saved_tensors
         x_dtype, w_dtype, w13_dtype, w2_dtype = ctx.dtypes
         dq, ds = ops.quantize_1x128(dout.contiguous())
@@ -65,7 +68,7 @@ class _MoEExpertsFlow(torch.autograd.Function):
         dhq, dhs, dprobs_p = ops.swiglu_quant_backward(da, hq, probs_p, hs)
         dx_p = ops.grouped_gemm_fp8(dhq, dhs, w13qT, w13sT, offs_pad, True, x_dtype)
         dhT, dhT_s = ops.scaling_aware_transpose(dhq, dhs, offs_pad)
-        xT, xT_s = ops.scaling_aware_transpose(xq_p, xs_p, offs_pad)
+        xT, xT_s = ops.scaling_aware_transpose(xq, xs, offs_pad, 1, src_row)
         dw13 = ops.grouped_gemm_fp8_wgrad(dhT, dhT_s, xT, xT_s, offs_pad, torch.float32)
         dx = ops.unpermute(dx_p, pos, None)
         safe = pos.clamp(min=0).long()
