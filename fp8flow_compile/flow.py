@@ -12,13 +12,12 @@ backward : dy --quantize_1x128 (cast 2)--> permute_pad_fp8 --> FC2 dgrad / wgrad
 
 Saved for backward: the FP8 input (in token order: the FC1 wgrad transposes it through the
 gather's index, `scaling_aware_transpose(..., src_row)`) and the FP8 SwiGLU output with their
-scales, the
-quantized weights, and the FC1 output h in FP8 (1x128 tiles, written by the SwiGLU op from the
-same pass over h; the SwiGLU backward reads it dequantized, as DeepSeek-V3 does). The two
-activation/gradient casts left are x and dy; the weights are quantized once per step in 128x128
-blocks, which serve fprop and dgrad alike: `quantize_128x128_dual` writes the same bytes a second
-time transposed, because the tensor cores want the contracted dim of B contiguous (reading
-W [N, K] along N in the GEMM ran at 5% of cuBLAS on the H100).
+scales, the quantized weights, and the FC1 output h in FP8 (1x128 tiles, written by the SwiGLU
+op from the same pass over h; the SwiGLU backward reads it dequantized, as DeepSeek-V3 does).
+The two activation/gradient casts left are x and dy; the weights are quantized once per step
+in 128x128 blocks, which serve fprop and dgrad alike: `quantize_128x128_dual` writes the same
+bytes a second time transposed, because the tensor cores want the contracted dim of B
+contiguous (reading W [N, K] along N in the GEMM ran at 5% of cuBLAS on the H100).
 """
 
 from __future__ import annotations
