@@ -578,9 +578,9 @@ def interleaved_ms(timed: list[Timed], dev, warmup: int, reps: int
     wall clock on the CPU; gradients cleared before each step, untimed.
 
     Why rounds: an H100 running these steps back to back reaches its power limit within about a
-    second and lowers its clocks for a second or more (the profile of `docs/benchmarks.md`); a
-    variant timed alone, after another, meets that state at a point of its run set by what ran
-    before it. In rounds every variant meets the same states in the same proportion.
+    second and lowers its clocks for a second or so (nvidia-smi samples in docs/benchmarks.md,
+    round m); a variant timed alone, after another, meets that state at a point of its run set
+    by what ran before it. In rounds every variant meets the same states in the same proportion.
     A variant whose step raises is dropped from later rounds; its entry is the error."""
     out: dict[str, list[float] | str] = {}
     pending: dict[str, list] = {t.key: [] for t in timed}
