@@ -150,16 +150,16 @@ def main():
     # The backward's form (passes/flow_gather.py): the token rows read through the gather's
     # index. Bytes as for a gather: the T source rows and the index once, the output once.
     gq, gs = ops.scaling_aware_transpose(xq, xs, offs, GA, maps.src_row)
+    g_bytes = T * H + T * H // 32 + 4 * P + gq.numel() + gs.numel() * 4
     mem_row("scaling_aware_transpose through the index [T,H]->[H,P]",
-            lambda: ops.scaling_aware_transpose(xq, xs, offs, GA, maps.src_row),
-            T * H + T * H // 32 + 4 * P + gq.numel() + gs.numel() * 4, bw,
+            lambda: ops.scaling_aware_transpose(xq, xs, offs, GA, maps.src_row), g_bytes, bw,
             same_bytes(gq, tq) and torch.equal(gs, ts))
 
     def gather_then_transpose():
         qp, sp = ops.permute_pad_fp8(xq, xs, maps.src_row)
         return ops.scaling_aware_transpose(qp, sp, offs, GA)
     mem_row("  peer: permute_pad_fp8 + scaling_aware_transpose", gather_then_transpose,
-            T * H + T * H // 32 + 4 * P + gq.numel() + gs.numel() * 4, bw, "-")
+            g_bytes, bw, "-")
 
     h = torch.randn(P, 2 * I, device=dev, dtype=torch.bfloat16)
     probs_p = torch.rand(P, device=dev)

@@ -391,7 +391,7 @@ def _check_2d(t: torch.Tensor, op: str, name: str) -> None:
     require(t.is_contiguous(), op, f"{name} must be contiguous, got strides {tuple(t.stride())}")
 
 
-def _check_index(idx: torch.Tensor, op: str, name: str, dim: int, bound: int,
+def check_index(idx: torch.Tensor, op: str, name: str, dim: int, bound: int,
                  device: torch.device) -> None:
     """int32, contiguous, on `device`; values in [-1, bound) checked where that needs no sync."""
     require(idx.dim() == dim, op, f"{name} must be {dim}-D, got shape {tuple(idx.shape)}")
@@ -432,7 +432,7 @@ def permute_pad_fp8(q: torch.Tensor, s: torch.Tensor, src_row: torch.Tensor
             f"scales must have shape {(T, cdiv(H, TILE))} (row-wise 1x{TILE} tiles), "
             f"got {tuple(s.shape)}")
     require(s.device == q.device, op, f"scales are on {s.device}, data on {q.device}")
-    _check_index(src_row, op, "src_row", 1, T, q.device)
+    check_index(src_row, op, "src_row", 1, T, q.device)
     return (permute_pad_fp8_triton if use_triton(q) else permute_pad_fp8_ref)(q, s, src_row)
 
 
@@ -448,7 +448,7 @@ def permute_pad(x: torch.Tensor, src_row: torch.Tensor) -> torch.Tensor:
     op = "permute_pad"
     _check_2d(x, op, "input")
     require(x.is_floating_point(), op, f"input must be a floating-point tensor, got {x.dtype}")
-    _check_index(src_row, op, "src_row", 1, x.shape[0], x.device)
+    check_index(src_row, op, "src_row", 1, x.shape[0], x.device)
     return (permute_pad_triton if use_triton(x) else permute_pad_ref)(x, src_row)
 
 
@@ -465,7 +465,7 @@ def unpermute(y: torch.Tensor, pos: torch.Tensor, probs: torch.Tensor | None = N
     op = "unpermute"
     _check_2d(y, op, "y")
     require_dtype(y, ACC_OUT, op, "y")
-    _check_index(pos, op, "pos", 2, y.shape[0], y.device)
+    check_index(pos, op, "pos", 2, y.shape[0], y.device)
     _check_probs(probs, tuple(pos.shape), op, y.device)
     return (unpermute_triton if use_triton(y) else unpermute_ref)(y, pos, probs)
 
@@ -488,13 +488,13 @@ def unpermute_backward(dout: torch.Tensor, y: torch.Tensor | None, src_row: torc
     _check_2d(dout, op, "dout")
     require_dtype(dout, ACC_OUT, op, "dout")
     T, H = dout.shape
-    _check_index(src_row, op, "src_row", 1, T, dout.device)
+    check_index(src_row, op, "src_row", 1, T, dout.device)
     P = src_row.shape[0]
     if probs is not None:
         require(probs.dim() == 2 and probs.shape[0] == T, op,
                 f"probs must be [T={T}, k], got shape {tuple(probs.shape)}")
         _check_probs(probs, tuple(probs.shape), op, dout.device)
-        _check_index(src_slot, op, "src_slot", 1, probs.numel(), dout.device)
+        check_index(src_slot, op, "src_slot", 1, probs.numel(), dout.device)
         require(src_slot.shape[0] == P, op,
                 f"src_slot must have {P} rows like src_row, got {src_slot.shape[0]}")
         require(y is not None, op, "y (the forward input) is needed to compute dprobs")

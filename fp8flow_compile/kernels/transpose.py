@@ -64,7 +64,7 @@ from .groups import (
     pad_offsets,
     tile_bounds,
 )
-from .permute import permute_pad_fp8_ref
+from .permute import check_index, permute_pad_fp8_ref
 from .quantize import check_align, raster, slot_ranges, tile_table
 
 _OP = "scaling_aware_transpose"
@@ -417,16 +417,8 @@ def _check(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | None, align: i
         require(offs.device == q.device, _OP, "offs must be on the device of the data")
     require(s.device == q.device, _OP, "scales must be on the device of the data")
     check_align(align, offs, _OP)
-    if src_row is not None:
-        require(src_row.dim() == 1, _OP, f"src_row must be 1-D, got shape {tuple(src_row.shape)}")
-        require_dtype(src_row, (torch.int32,), _OP, "src_row")
-        require(src_row.is_contiguous(), _OP, "src_row must be contiguous")
-        require(src_row.device == q.device, _OP, "src_row must be on the device of the data")
-        if src_row.device.type == "cpu" and src_row.numel():
-            # on the GPU this would cost a device sync: the gather's producer guarantees it
-            lo, hi = int(src_row.min()), int(src_row.max())
-            require(lo >= -1 and hi < M, _OP,
-                    f"src_row values must lie in [-1, {M}) (rows of the data), got [{lo}, {hi}]")
+    if src_row is not None:  # the gather's own index checks (values only where no sync)
+        check_index(src_row, _OP, "src_row", 1, M, q.device)
 
 
 @torch.library.custom_op("fp8flow::scaling_aware_transpose", mutates_args=())

@@ -66,19 +66,11 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             # partitioner would otherwise keep an intermediate of flow_hoist's index wrap).
             for m in index_chain(idx):
                 m.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-    erased: set[fx.Node] = set()
     for n, p in changed:
-        dropped = p in erased
-        outs = [] if dropped else [u for u in p.users if u.target is operator.getitem]
-        if not dropped and all(not o.users for o in outs) and len(outs) == len(p.users):
-            dropped = True
-            erased.add(p)
-            for o in outs:
-                gm.graph.erase_node(o)
-            gm.graph.erase_node(p)
+        kept = any(o.target is not operator.getitem or o.users for o in p.users)
         ctx.log.append(f"gather: {n.name} (scaling_aware_transpose) reads the rows of {p.name} "
                        f"(permute_pad_fp8) through its index"
-                       + ("; the gather is dropped" if dropped else ""))
+                       + ("" if kept else "; the gather is dropped"))
     if changed:
-        finish(gm)
+        finish(gm, dead_code=True)  # drops the gathers nothing reads any more
     return gm
