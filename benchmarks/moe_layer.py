@@ -35,14 +35,29 @@ measured step (the layer's router parameter is unused).
 
 Per row (JSON keys in brackets):
 
-- [ms] median of `--reps` forward + backward steps timed with CUDA events, after the first call
-  (the compile) and `--warmup` steps; gradients are set to None before each step, untimed.
-  [timing] says how: "interleaved" (the default) times every variant of a shape and routing
-  in rounds, one step of each per round, the order rotated each round, so all of them meet
-  the GPU's power and clock states alike (`interleaved_ms`); "sequential" (`--sequential`)
-  times each variant alone after the previous one (the method of the results
-  before round m in docs/benchmarks.md).
-  [ms_all] every timed step, in order.
+- [ms] median of the timed forward + backward steps (CUDA events), after the first call (the
+  compile); gradients are set to None before each step, untimed. [timing] says how
+  (`--timing`):
+  - "sustained" (the default): every variant of a shape and routing runs in blocks of
+    `--block-s` seconds of back-to-back steps, the first `--settle-s` seconds of each block
+    not counted, `--rounds` blocks per variant with the order rotated each round
+    (`sustained_ms`). Each variant is timed in its own steady state, as a training run that
+    uses only it would be. Why: under sustained load the H100 sits at its power limit and its
+    SM clock settles at a level set by the work itself (BF16 compiled at the Mixtral shape:
+    about 1400 MHz; fp8flow: 1520; naive FP8, with more memory-bound time: 1650), so a step
+    timed right after another variant's step runs at a clock that neither would run at alone.
+  - "interleaved": rounds of one step of every variant, the order rotated each round, after
+    `--warmup` rounds (`interleaved_ms`); `--reps` rounds. Every variant meets the same power
+    states, but the clock a step meets is set by the mix: the variant that draws the most power
+    (BF16 compiled) runs faster than it would alone and the one that draws the least slower.
+    The method of round m in docs/benchmarks.md.
+  - "sequential" (`--sequential`): each variant alone, `--warmup` then `--reps` steps, after the
+    previous one (the method before round m).
+  [ms_all] every timed step, in order. [blocks] (sustained) per block: its median ms, steps
+  counted, and the medians of the SM clock and board power while they ran.
+- [sm_mhz, power_w] (GPU, when NVML is importable as `pynvml`) medians of the SM clock and
+  board power sampled every 20 ms while the row's steps were timed (interleaved: over the whole
+  interleaved timing, which all variants of the case share).
 - [tflops] the six expert GEMMs only: 3 x 2*P*H*2I (FC1) + 3 x 2*P*I*H (FC2), P = T*k.
 - [peak_bytes] `max_memory_allocated` during one forward + backward (peak stats reset first)
   minus `memory_allocated` before it: beyond the weights and inputs, so the gradients of x,
@@ -95,6 +110,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -147,6 +163,7 @@ VARIANTS = {
     "torchao_fp8_eager": "torchao fp8 rowwise eager",
 }
 BASELINE = "bf16_compiled"
+TIMINGS = ("sustained", "interleaved", "sequential")
 FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_bf16h", "fp8flow_triton")
 ZIPF_S = 1.2
 MIB = 1 << 20
@@ -513,10 +530,10 @@ class Timed:
 
 def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
                 ) -> tuple[dict, Timed | None]:
-    """Measure one variant; every failure becomes the row's `error`. With `args.interleave`
-    the row gets no timing yet: the variant is returned as a `Timed` for `interleaved_ms`, its
-    compiled code kept. Otherwise it is timed here, alone, and its model, compiled code and
-    gradients are freed before this returns."""
+    """Measure one variant; every failure becomes the row's `error`. Unless `args.timing` is
+    "sequential" the row gets no timing yet: the variant is returned as a `Timed` for
+    `sustained_ms` or `interleaved_ms`, its compiled code kept. Otherwise it is timed here,
+    alone, and its model, compiled code and gradients are freed before this returns."""
     row: dict = {"variant": key, "name": VARIANTS[key]}
     before = gemm_backend()
     if key == "fp8flow_triton":
@@ -532,7 +549,7 @@ def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
         row["traceback"] = traceback.format_exc(limit=-6)
     finally:
         set_gemm_backend(before)
-    free(dev, reset=not args.interleave)
+    free(dev, reset=args.timing == "sequential")
     if timed is not None and row["gemm_backend"] != before:
         timed.step = _on_backend(row["gemm_backend"], timed.step)
     return row, timed
@@ -618,10 +635,140 @@ def interleaved_ms(timed: list[Timed], dev, warmup: int, reps: int
     return out
 
 
+#: The GPU's clock and power sampler of the running benchmark (main), if any.
+_telemetry: Telemetry | None = None
+
+
+class Telemetry:
+    """SM clock and board power sampled every `period` seconds on a background thread through
+    NVML (the `pynvml` module of nvidia-ml-py), with `time.perf_counter` stamps; inactive (every
+    window empty) where NVML is missing or fails."""
+
+    def __init__(self, period: float = 0.02):
+        self.samples: list[tuple[float, int, float]] = []
+        self.period = period
+        self.handle = None
+        self.info: dict = {}
+        self._stop = threading.Event()
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self.info = {
+                "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1e3,
+                "max_sm_mhz": pynvml.nvmlDeviceGetMaxClockInfo(self.handle, pynvml.NVML_CLOCK_SM),
+            }
+        except Exception as e:  # telemetry is informative only
+            self.handle = None
+            self.info = {"telemetry": f"unavailable: {type(e).__name__}: {e}"}
+        self._thread = None
+        if self.handle is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        nv = self._nvml
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.perf_counter(),
+                                     nv.nvmlDeviceGetClockInfo(self.handle, nv.NVML_CLOCK_SM),
+                                     nv.nvmlDeviceGetPowerUsage(self.handle) / 1e3))
+            except Exception:
+                return
+            self._stop.wait(self.period)
+
+    def window(self, spans: list[tuple[float, float]]) -> dict:
+        """Median SM clock (MHz) and power (W) of the samples inside any of `spans`."""
+        got = [(c, p) for t, c, p in self.samples if any(a <= t <= b for a, b in spans)]
+        if not got:
+            return {}
+        return {"sm_mhz": statistics.median(c for c, _ in got),
+                "power_w": round(statistics.median(p for _, p in got), 1)}
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+
+
+def sustained_ms(timed: list[Timed], dev, block_s: float, settle_s: float, rounds: int,
+                 clock: Callable[[], float] = time.perf_counter,
+                 telemetry: Telemetry | None = None
+                 ) -> tuple[dict[str, list[float] | str], dict[str, list[dict]]]:
+    """Per-variant milliseconds of steps run in sustained blocks: for each of `rounds` rounds,
+    every variant in turn (order from `round_orders`) runs back-to-back steps for `block_s`
+    seconds of `clock`; steps started in the first `settle_s` seconds of a block are not
+    counted, and a block counts at least one step. Gradients cleared before each step, untimed.
+
+    The host is kept at most two steps ahead of the GPU (it waits on the end event of the step
+    before the previous one), so a block's wall time is GPU time even for a variant that never
+    synchronises, and the GPU never waits on that check. Returns the step times, or the error
+    of a variant whose step raised (dropped from later blocks), and per variant one dict per
+    block: its median ms, counted steps and, with `telemetry`, the SM clock and power medians
+    while they ran."""
+    out: dict[str, list[float] | str] = {}
+    got: dict[str, list[float]] = {t.key: [] for t in timed}
+    blocks: dict[str, list[dict]] = {t.key: [] for t in timed}
+    by_key = {t.key: t for t in timed}
+    cuda = dev.type == "cuda"
+    for order in round_orders([t.key for t in timed], rounds):
+        for key in order:
+            if key in out:
+                continue
+            t = by_key[key]
+            ends, counted, times = [], [], []
+            t0 = clock()
+            try:
+                while True:
+                    now = clock()
+                    if now - t0 >= block_s and counted:
+                        break
+                    count = now - t0 >= settle_s
+                    t.clear()
+                    if cuda:
+                        if len(ends) >= 2:
+                            ends[-2].synchronize()
+                        s = torch.cuda.Event(enable_timing=True)
+                        e = torch.cuda.Event(enable_timing=True)
+                        s.record()
+                        t.step()
+                        e.record()
+                        ends.append(e)
+                        if count:
+                            counted.append((s, e))
+                    else:
+                        a = clock()
+                        t.step()
+                        b = clock()
+                        if count:
+                            counted.append(b - a)
+                if cuda:
+                    torch.cuda.synchronize()
+                    times = [s.elapsed_time(e) for s, e in counted]
+                else:
+                    times = [v * 1e3 for v in counted]
+            except Exception as e:
+                out[key] = f"{type(e).__name__}: {e}"
+                continue
+            t1 = clock()
+            got[key] += times
+            info = {"ms": statistics.median(times), "steps": len(times)}
+            if telemetry is not None:
+                info.update(telemetry.window([(t0 + settle_s, t1)]))
+            blocks[key].append(info)
+    for key, v in got.items():
+        if key not in out:
+            out[key] = v
+    for t in timed:
+        t.clear()
+    return out, blocks
+
+
 def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
              ) -> Timed | None:
     fn, layer, info = make_variant(key, dims, w13, w2, topw, topi, loads, args.align,
-                                   args.smoke, reset=not args.interleave)
+                                   args.smoke, reset=args.timing == "sequential")
     row.update(info)
     xg = x.detach().requires_grad_(True)
     params = [layer.w13, layer.w2]
@@ -685,9 +832,12 @@ def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
     row["saved_act_bytes"] = row["saved_bytes_hooks"] - row["saved_weight_bytes"]
 
     clear()
-    if args.interleave:
+    if args.timing != "sequential":
         return Timed(key, step, clear)
+    t0 = time.perf_counter()
     set_times(row, time_ms(step, clear, dev, args.warmup, args.reps), dims)
+    if _telemetry is not None:
+        row.update(_telemetry.window([(t0, time.perf_counter())]))
     clear()
     return None
 
@@ -747,7 +897,7 @@ def act_ratio(r: dict, rrows: dict) -> str:
 
 
 def print_tables(rows: list[dict], shapes: dict, order: list[str]) -> None:
-    cols = (f"{'routing':<9} {'variant':<20} {'ms':>9} {'TFLOP/s':>8} {'speedup':>7} "
+    cols = (f"{'routing':<9} {'variant':<20} {'ms':>9} {'MHz/W':>8} {'TFLOP/s':>8} {'speedup':>7} "
             f"{'peak MiB':>9} {'saved MiB':>9} {'acts MiB':>9} {'acts x':>6} {'live MiB':>9} "
             f"{'1st call s':>10} "
             f"{'err out':>8} {'err dx':>8} {'err dw13':>8} {'err dw2':>8}")
@@ -770,7 +920,8 @@ def print_tables(rows: list[dict], shapes: dict, order: list[str]) -> None:
                 if "skipped" in r:
                     log(head + f"skipped: {r['skipped']}")
                     continue
-                line = (head + f"{fmt(r.get('ms'), '9.3f'):>9} {fmt(r.get('tflops'), '8.1f'):>8} "
+                line = (head + f"{fmt(r.get('ms'), '9.3f'):>9} {clock_power(r) or '-':>8} "
+                        f"{fmt(r.get('tflops'), '8.1f'):>8} "
                         f"{fmt(r.get('speedup'), '6.2f') + 'x' if r.get('speedup') else '-':>7} "
                         f"{mib(r.get('peak_bytes')):>9} {mib(r.get('saved_bytes_hooks')):>9} "
                         f"{mib(r.get('saved_act_bytes')):>9} {act_ratio(r, rrows):>6} "
@@ -782,7 +933,9 @@ def print_tables(rows: list[dict], shapes: dict, order: list[str]) -> None:
                     line = head + "ERROR " + short(r["error"])
                 log(line)
     log()
-    log("ms: median fwd+bwd; TFLOP/s: the 6 expert GEMMs only; speedup: vs bf16 compiled; "
+    log("ms: median fwd+bwd (timing: " + ", ".join(sorted({r.get('timing', '?') for r in rows}))
+        + "); MHz/W: median SM clock and board power while timed; TFLOP/s: the 6 expert "
+        "GEMMs only; speedup: vs bf16 compiled; "
         "peak: max allocated during one fwd+bwd minus allocated before (weight/input grads "
         "included); saved: distinct storages packed for backward (saved_tensors_hooks), "
         "parameters and input excluded; acts: saved minus the per-expert weight copies (3-D, "
@@ -924,9 +1077,16 @@ def parse_args(argv=None):
                    "smoke 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions after the first "
                    "call (default 5; smoke 0)")
-    p.add_argument("--sequential", dest="interleave", action="store_false",
-                   help="time each variant alone, one after another (default: all variants of "
-                   "a shape and routing in interleaved rounds, see interleaved_ms)")
+    p.add_argument("--timing", choices=TIMINGS, default="sustained",
+                   help="how steps are timed (see [timing] above): sustained blocks per variant "
+                   "(default), interleaved rounds of one step each, or sequential")
+    p.add_argument("--sequential", dest="timing", action="store_const", const="sequential",
+                   help="the same as --timing sequential")
+    p.add_argument("--block-s", type=float, default=None, help="sustained: seconds per block "
+                   "(default 6; smoke 0, one step)")
+    p.add_argument("--settle-s", type=float, default=None, help="sustained: seconds at the "
+                   "start of each block not counted (default 2; smoke 0)")
+    p.add_argument("--rounds", type=int, default=2, help="sustained: blocks per variant")
     p.add_argument("--align", type=int, default=16, help="expert loads are multiples of this "
                    "(torchao's FP8 grouped GEMM needs 16; 1 for unaligned skewed loads)")
     p.add_argument("--seed", type=int, default=0)
@@ -950,6 +1110,12 @@ def parse_args(argv=None):
     args.shapes = split(args.shapes, SHAPES, "shapes")
     args.routings = split(args.routings, ROUTINGS, "routings")
     args.variants = [v for v in VARIANTS if v in split(args.variants, VARIANTS, "variants")]
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    args.block_s = args.block_s if args.block_s is not None else (0.0 if args.smoke else 6.0)
+    args.settle_s = args.settle_s if args.settle_s is not None else (0.0 if args.smoke else 2.0)
+    if args.settle_s > args.block_s:
+        p.error("--settle-s must not exceed --block-s")
     args.reps = args.reps or (1 if args.smoke else 40)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 5)
     return args
@@ -991,7 +1157,14 @@ def log_row(row: dict) -> None:
         log(f"  {row['name']:<20} {row['ms']:9.3f} ms "
             f"{row['tflops']:7.1f} TFLOP/s  first call {row['first_call_s']:.1f} s"
             f"  err out {fmt(row.get('err_out'), '.1e')}"
-            f" dw13 {fmt(row.get('err_dw13'), '.1e')}")
+            f" dw13 {fmt(row.get('err_dw13'), '.1e')}" + clock_power(row, "  SM {} MHz, {} W"))
+
+
+def clock_power(row: dict, form: str = "{}/{}") -> str:
+    """The row's median SM clock and board power, as `form` fills them ('' without them)."""
+    if row.get("sm_mhz") is None:
+        return ""
+    return form.format(f"{row['sm_mhz']:.0f}", f"{row.get('power_w', float('nan')):.0f}")
 
 
 def main(argv=None) -> None:
@@ -1021,7 +1194,13 @@ def main(argv=None) -> None:
     rows: list[dict] = []
     # The baseline first, so every row's speedup is known when the row is written.
     run_order = sorted(args.variants, key=lambda v: v != BASELINE)
-    timing = "interleaved" if args.interleave else "sequential"
+    timing = args.timing
+    global _telemetry
+    _telemetry = Telemetry() if dev.type == "cuda" else None
+    if _telemetry is not None:
+        env.update(_telemetry.info)
+        for k, v in _telemetry.info.items():
+            log(f"  {k}: {v}")
     with open(jpath, "w") as jf:
         jf.write(to_json({"kind": "env", **env, "args": vars(args)}) + "\n")
         jf.flush()
@@ -1068,26 +1247,44 @@ def main(argv=None) -> None:
                     else:
                         log_row(case_rows[-1])
                 if timed:
-                    got = interleaved_ms(timed, dev, args.warmup, args.reps)
+                    blocks: dict = {}
+                    t0 = time.perf_counter()
+                    if timing == "sustained":
+                        got, blocks = sustained_ms(timed, dev, args.block_s, args.settle_s,
+                                                   args.rounds, telemetry=_telemetry)
+                    else:
+                        got = interleaved_ms(timed, dev, args.warmup, args.reps)
+                    shared = (_telemetry.window([(t0, time.perf_counter())])
+                              if _telemetry is not None and timing == "interleaved" else {})
                     for row in case_rows:
                         t = got.get(row["variant"])
                         if isinstance(t, str):
                             row["error"], row["traceback"] = t, ""
                         elif t is not None:
                             set_times(row, t, dims)
+                            row.update(shared)
+                            if blocks.get(row["variant"]):
+                                row["blocks"] = blocks[row["variant"]]
+                                clocks = [b["sm_mhz"] for b in row["blocks"] if "sm_mhz" in b]
+                                power = [b["power_w"] for b in row["blocks"] if "power_w" in b]
+                                if clocks:
+                                    row["sm_mhz"] = statistics.median(clocks)
+                                    row["power_w"] = statistics.median(power)
                     del timed, got
                 base_ms = next((r["ms"] for r in case_rows
                                 if r["variant"] == BASELINE and r.get("ms")), None)
                 for row in case_rows:
                     if base_ms and row.get("ms"):
                         row["speedup"] = base_ms / row["ms"]
-                    if args.interleave:
+                    if timing != "sequential":
                         log_row(row)
                     rows.append(row)
                     jf.write(to_json(row) + "\n")
                 jf.flush()
                 del topw, topi, w13, w2, x, dy, ref
                 free(dev)
+    if _telemetry is not None:
+        _telemetry.stop()
     print_tables(rows, shapes, args.variants)
     log(f"rows: {jpath}")
     plot(rows, args.variants, os.path.join(args.out, f"moe_layer_{stamp}.png"))

@@ -1,11 +1,14 @@
-"""The layer benchmark's interleaved timing (benchmarks/moe_layer.py): the round orders, which
-step runs when, and what a failing variant leaves, on the CPU with stand-in steps."""
+"""The layer benchmark's timing methods (benchmarks/moe_layer.py): sustained blocks and
+interleaved rounds, their orders, which step runs when and which counts, and what a failing
+variant leaves, on the CPU with stand-in steps (the sustained blocks on a stand-in clock)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from benchmarks.moe_layer import Timed, interleaved_ms, round_orders, shared_compile
+from benchmarks.moe_layer import (Telemetry, Timed, interleaved_ms, parse_args, round_orders,
+                                  shared_compile, sustained_ms)
 
 
 def test_round_orders_put_every_variant_in_every_position_equally():
@@ -66,3 +69,84 @@ def test_shared_compile_names_the_earlier_variant_of_the_same_options():
     assert shared_compile(rows) == "fp8flow"
     rows[2]["error"] = "RuntimeError: x"
     assert shared_compile(rows) is None
+
+
+class _Clock:
+    """A stand-in clock that only a step advances: each step takes exactly `dt` seconds."""
+
+    def __init__(self, dt=1.0):
+        self.t, self.dt = 0.0, dt
+
+    def __call__(self):
+        return self.t
+
+
+def _clocked(key, log, clock, fail_at=None):
+    t = _stand_in(key, log, fail_at)
+    inner = t.step
+
+    def step():
+        inner()
+        clock.t += clock.dt
+
+    return Timed(key, step, t.clear)
+
+
+def test_sustained_ms_runs_blocks_in_rotated_rounds_and_drops_the_settling_steps():
+    log: list = []
+    clock = _Clock()
+    timed = [_clocked(k, log, clock) for k in "xyz"]
+    got, blocks = sustained_ms(timed, torch.device("cpu"), block_s=5, settle_s=2, rounds=2,
+                               clock=clock)
+    steps = [k for what, k in log if what == "step"]
+    # a block is 5 one-second steps; rounds rotate the order like the interleaved rounds
+    assert steps == [k for o in round_orders(["x", "y", "z"], 2) for k in o for _ in range(5)]
+    for i, (what, k) in enumerate(log):
+        if what == "step":
+            assert log[i - 1] == ("clear", k)
+    for k in "xyz":
+        # steps started at 0 and 1 s settle; those at 2, 3, 4 s count: 3 per block, 2 blocks
+        assert got[k] == [1000.0] * 6
+        assert blocks[k] == [{"ms": 1000.0, "steps": 3}] * 2
+    assert log[-3:] == [("clear", "x"), ("clear", "y"), ("clear", "z")]
+
+
+def test_sustained_ms_counts_one_step_when_the_block_is_shorter_than_a_step():
+    log: list = []
+    clock = _Clock(dt=10.0)
+    got, blocks = sustained_ms([_clocked("x", log, clock)], torch.device("cpu"), block_s=0.5,
+                               settle_s=0.0, rounds=3, clock=clock)
+    assert got["x"] == [10000.0] * 3 and [b["steps"] for b in blocks["x"]] == [1, 1, 1]
+
+
+def test_sustained_ms_drops_a_failing_variant_and_keeps_the_others():
+    log: list = []
+    clock = _Clock()
+    timed = [_clocked("ok", log, clock), _clocked("bad", log, clock, fail_at=2)]
+    got, blocks = sustained_ms(timed, torch.device("cpu"), block_s=3, settle_s=1, rounds=3,
+                               clock=clock)
+    assert got["bad"] == "RuntimeError: bad broke" and blocks["bad"] == []
+    assert len(got["ok"]) == 6 and len(blocks["ok"]) == 3
+    assert sum(1 for what, k in log if what == "step" and k == "bad") == 1
+
+
+def test_telemetry_window_takes_medians_inside_the_spans_only():
+    tel = Telemetry.__new__(Telemetry)  # no sampler thread: samples set by hand
+    tel.samples = [(0.5, 1980, 100.0), (1.5, 1500, 690.0), (2.5, 1400, 700.0),
+                   (3.5, 1600, 695.0), (9.0, 1000, 50.0)]
+    assert tel.window([(1.0, 4.0)]) == {"sm_mhz": 1500, "power_w": 695.0}
+    assert tel.window([(0.0, 1.0), (8.0, 10.0)]) == {"sm_mhz": 1490.0, "power_w": 75.0}
+    assert tel.window([(4.0, 5.0)]) == {}
+
+
+def test_timing_options():
+    assert parse_args([]).timing == "sustained"
+    assert parse_args(["--sequential"]).timing == "sequential"
+    a = parse_args(["--timing", "interleaved", "--smoke"])
+    assert a.timing == "interleaved" and a.block_s == 0.0 and a.reps == 1
+    a = parse_args([])
+    assert (a.block_s, a.settle_s, a.rounds) == (6.0, 2.0, 2)
+    with pytest.raises(SystemExit):
+        parse_args(["--block-s", "1", "--settle-s", "2"])
+    with pytest.raises(SystemExit):
+        parse_args(["--rounds", "0"])
