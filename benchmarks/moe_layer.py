@@ -15,9 +15,6 @@ Variants (keys for `--variants`):
 - ``fp8flow_triton`` "fp8flow triton GEMMs": the same with every FP8 GEMM forced onto the Triton
   kernels (`set_gemm_backend("triton")`), where the default picks cuBLAS per group at large
   groups (see fp8flow_compile/kernels/cublas.py).
-- ``fp8flow_noprefetch`` "fp8flow, no prefetch": the same with the expert weights' quantization
-  left where the experts' graph runs it, instead of begun on a side stream when the routing's
-  graph starts (`fp8flow_compile.set_prefetch(False)`, switched at run time).
 - ``fp8_hand``       "fp8 hand-wired": the routed experts through
   `fp8flow_compile.flow.moe_experts_fp8_flow`, the target of the rewrite, run eagerly.
 - ``torchao_fp8``    "torchao fp8 rowwise": torchao's MoE training prototype (its tensor subclass
@@ -58,8 +55,6 @@ Per row (JSON keys in brackets):
     previous one (the method before round m).
   [ms_all] every timed step, in order. [blocks] (sustained) per block: its median ms, steps
   counted, and the medians of the SM clock and board power while they ran.
-- [prefetch_case] (FP8 variants) `fp8flow_compile.prefetch.stats()` over the whole case, every
-  FP8 variant together: weight quantizations begun ahead, taken, dropped.
 - [sm_mhz, power_w] (GPU, when NVML is importable as `pynvml`) medians of the SM clock and
   board power sampled every 20 ms while the row's steps were timed (interleaved: over the whole
   interleaved timing, which all variants of the case share).
@@ -163,15 +158,13 @@ VARIANTS = {
     "fp8flow_all": "fp8flow, all GEMMs FP8",
     "fp8flow_bf16h": "fp8flow, h kept BF16",
     "fp8flow_triton": "fp8flow triton GEMMs",
-    "fp8flow_noprefetch": "fp8flow, no prefetch",
     "fp8_hand": "fp8 hand-wired",
     "torchao_fp8": "torchao fp8 rowwise",
     "torchao_fp8_eager": "torchao fp8 rowwise eager",
 }
 BASELINE = "bf16_compiled"
 TIMINGS = ("sustained", "interleaved", "sequential")
-FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_bf16h", "fp8flow_triton",
-                "fp8flow_noprefetch")
+FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_bf16h", "fp8flow_triton")
 ZIPF_S = 1.2
 MIB = 1 << 20
 
@@ -546,9 +539,6 @@ def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
     if key == "fp8flow_triton":
         set_gemm_backend("triton")
     row["gemm_backend"] = gemm_backend()
-    prefetching = ff.prefetch.prefetch_enabled()
-    if key == "fp8flow_noprefetch":
-        ff.set_prefetch(False)
     timed = None
     try:
         timed = _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev)
@@ -559,24 +549,10 @@ def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
         row["traceback"] = traceback.format_exc(limit=-6)
     finally:
         set_gemm_backend(before)
-        ff.set_prefetch(prefetching)
     free(dev, reset=args.timing == "sequential")
     if timed is not None and row["gemm_backend"] != before:
         timed.step = _on_backend(row["gemm_backend"], timed.step)
-    if timed is not None and key == "fp8flow_noprefetch":
-        timed.step = _without_prefetch(timed.step)
     return row, timed
-
-
-def _without_prefetch(step: Callable[[], None]) -> Callable[[], None]:
-    def run():
-        before = ff.prefetch.prefetch_enabled()
-        ff.set_prefetch(False)
-        try:
-            step()
-        finally:
-            ff.set_prefetch(before)
-    return run
 
 
 def _on_backend(name: str, step: Callable[[], None]) -> Callable[[], None]:
@@ -595,8 +571,7 @@ def shared_compile(case_rows: list[dict]) -> str | None:
     Without a Dynamo reset between variants (interleaved timing keeps them all compiled), a
     module compiled with the same backend and options as an earlier one of the same class gets
     that one's graphs: fp8flow_triton after fp8flow (its GEMM backend is switched at run time,
-    so the graphs keep fp8flow's host copies of the group ends), fp8flow_noprefetch after
-    fp8flow (prefetching is switched at run time)."""
+    so the graphs keep fp8flow's host copies of the group ends)."""
     last = case_rows[-1]
     if "options" not in last:
         return None
@@ -1255,7 +1230,6 @@ def main(argv=None) -> None:
                 log(f"  fp32 reference: {ref.get('how', 'failed')} "
                     f"({time.perf_counter() - t0:.1f} s)")
                 case_rows, timed = [], []
-                ff.prefetch.reset()
                 for key in run_order:
                     row, kept = run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref,
                                             args, dev)
@@ -1297,10 +1271,6 @@ def main(argv=None) -> None:
                                     row["sm_mhz"] = statistics.median(clocks)
                                     row["power_w"] = statistics.median(power)
                     del timed, got
-                pf = ff.prefetch.stats()
-                for row in case_rows:
-                    if row["variant"] in FP8FLOW_KEYS:
-                        row["prefetch_case"] = pf  # the case's counts, all FP8 variants together
                 base_ms = next((r["ms"] for r in case_rows
                                 if r["variant"] == BASELINE and r.get("ms")), None)
                 for row in case_rows:

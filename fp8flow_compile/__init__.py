@@ -15,12 +15,11 @@ from . import kernels  # noqa: F401  (registers torch.ops.fp8flow.*)
 from .backend import fp8flow, last_report
 from .errors import Fp8Unsupported
 from .kernels.cublas import gemm_backend, set_gemm_backend
-from .prefetch import set_prefetch
 from .recipe import BLOCKWISE, DEFAULT, Recipe
 from .report import Report
 
 __all__ = ["BLOCKWISE", "DEFAULT", "Fp8Unsupported", "Recipe", "Report", "explain", "fp8flow",
-           "gemm_backend", "last_report", "set_gemm_backend", "set_prefetch"]
+           "gemm_backend", "last_report", "set_gemm_backend"]
 __version__ = "0.1.0"
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import passes, prefetch
+from . import passes
 from .passes.graph import Ctx, size_hint
 from .recipe import DEFAULT
 from .report import GraphRecord, Report
@@ -162,12 +162,8 @@ def fp8flow(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None 
             made[0].graphs["backward" if bwd else "forward"] = copy.deepcopy(g)
 
     if inner == "eager":
-        compiled = _compile_eager(gm, example_inputs, joint_pass, graph_pass)
-    else:
-        compiled = _compile_inductor(gm, example_inputs, joint_pass, graph_pass)
-    # Announces the graph's start, so that weights the next graph quantizes can be quantized
-    # ahead on a side stream (prefetch.py).
-    return prefetch.wrap(compiled)
+        return _compile_eager(gm, example_inputs, joint_pass, graph_pass)
+    return _compile_inductor(gm, example_inputs, joint_pass, graph_pass)
 
 
 def _trace(name: str, rec: dict) -> None:

@@ -607,11 +607,6 @@ def quantize_128x128_dual(w: torch.Tensor
     (q [.., N, K], s [.., N/128, K/128], qT [.., K, N], sT [.., K/128, N/128]); qT holds the same
     bytes as q, transposed, for GEMMs that contract N (dgrad)."""
     _check_weight(w, "quantize_128x128_dual")
-    from .. import prefetch  # started ahead by the graph before this one, if it was
-
-    early = prefetch.take(w)
-    if early is not None:
-        return early
     return (quantize_128x128_dual_triton if use_triton(w) else quantize_128x128_dual_ref)(w)
 
 
