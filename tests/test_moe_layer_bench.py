@@ -7,8 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.moe_layer import (Telemetry, Timed, interleaved_ms, parse_args, round_orders,
-                                  shared_compile, sustained_ms)
+from benchmarks.moe_layer import (
+    Telemetry,
+    Timed,
+    interleaved_ms,
+    parse_args,
+    round_orders,
+    shared_compile,
+    sustained_ms,
+)
 
 
 def test_round_orders_put_every_variant_in_every_position_equally():
