@@ -315,8 +315,8 @@ def torchao_status() -> tuple[bool, str]:
 def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: bool,
                  reset: bool = True):
     """(callable, layer module, info dict) for one variant. The callable is what is timed.
-    reset=False keeps Dynamo's caches, so variants compiled earlier stay compiled (interleaved
-    timing keeps them all)."""
+    reset=False keeps Dynamo's caches, so variants compiled earlier stay compiled (sustained and
+    interleaved timing keep them all)."""
     info: dict = {}
     fp8_opts = {"inner": "eager"} if smoke else {}  # Inductor on CPU compiles slowly
     if key == "fp8_hand":
@@ -521,8 +521,8 @@ def free(dev, reset: bool = True) -> None:
 
 @dataclasses.dataclass
 class Timed:
-    """A measured variant kept alive for the interleaved timing: one step, and what to clear
-    (the gradients) before it, untimed."""
+    """A measured variant kept alive for the sustained or interleaved timing: one step, and
+    what to clear (the gradients) before it, untimed."""
     key: str
     step: Callable[[], None]
     clear: Callable[[], None]
@@ -597,7 +597,9 @@ def interleaved_ms(timed: list[Timed], dev, warmup: int, reps: int
     Why rounds: an H100 running these steps back to back reaches its power limit within about a
     second and lowers its clocks for a second or so (nvidia-smi samples in docs/benchmarks.md,
     round m); a variant timed alone, after another, meets that state at a point of its run set
-    by what ran before it. In rounds every variant meets the same states in the same proportion.
+    by what ran before it. In rounds every variant meets the same states in the same proportion,
+    but each step runs at the clock the mix sets, not its own (round n: the variant drawing the
+    most power gains, the one drawing the least loses; `sustained_ms` is the default for that).
     A variant whose step raises is dropped from later rounds; its entry is the error."""
     out: dict[str, list[float] | str] = {}
     pending: dict[str, list] = {t.key: [] for t in timed}
@@ -1073,10 +1075,10 @@ def parse_args(argv=None):
     p.add_argument("--routings", default=",".join(ROUTINGS), help="comma list: balanced, skewed")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma list of " + ", ".join(VARIANTS))
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 40; "
-                   "smoke 1)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed repetitions after the first "
-                   "call (default 5; smoke 0)")
+    p.add_argument("--reps", type=int, default=None, help="interleaved and sequential: timed "
+                   "repetitions (default 40; smoke 1)")
+    p.add_argument("--warmup", type=int, default=None, help="interleaved and sequential: untimed "
+                   "repetitions after the first call (default 5; smoke 0)")
     p.add_argument("--timing", choices=TIMINGS, default="sustained",
                    help="how steps are timed (see [timing] above): sustained blocks per variant "
                    "(default), interleaved rounds of one step each, or sequential")
