@@ -26,22 +26,24 @@ Forms (MODE):
   registers of a wgmma in flight), which `--compile-only` shows without a GPU.
 
 Measured (H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0, 2026-11-24; median of
-`triton.testing.do_bench`, TFLOP/s; relative error against a float32 product of the dequantized
-operands 1.66e-3 for every kernel and shape, the bf16 output's rounding; ptxas: 214 registers for
-"pair", 148 for "wait", no spills):
+`triton.testing.do_bench`, TFLOP/s, two runs on one machine as "first / second"; relative error
+against a float32 product of the dequantized operands 1.66e-3 for every kernel and shape, the
+bf16 output's rounding; ptxas: 214 registers for "pair", 148 for "wait", no spills):
 
-| M x N x K | cuBLAS | Triton | pair | wait | wait, 64 rows, 3 stages | rolled |
+| M x N x K | cuBLAS | Triton | pair | wait | wait, 64 rows | rolled |
 |---|---|---|---|---|---|---|
-| 2048 x 4096 x 7168 (DeepSeek-V3 FC1, a group) | 1203 | 705 | **825** | 661 | 709 | 579 |
-| 2048 x 7168 x 2048 (FC2, a group) | 1074 | 529 | 658 | 599 | **688** | 538 |
-| 8192 x 8192 x 8192 | 1139 | 708 | **778** | 658 | 710 | 585 |
+| 2048x4096x7168 (1) | 1204 / 1188 | 756 / 754 | **796 / 786** | 635 / 637 | 729 / 729 | 554 / 550 |
+| 2048x7168x2048 (2) | 1065 / 1071 | 626 / 628 | 701 / 617 | 500 / 594 | **701 / 695** | 528 / 530 |
+| 8192x8192x8192 | 1112 / 1124 | 750 / 752 | **781 / 779** | 656 / 659 | 708 / 704 | 581 / 584 |
 
-So the asynchronous MMA lifts the blockwise kernel from Triton's 705 to 825 TFLOP/s at the FC1
-shape; the best form per shape reaches 64-69% of cuBLAS. What it lacks against the structure of
-CUTLASS's Hopper kernels (not tried here): a warp-specialized TMA producer, a persistent tile
-scheduler that overlaps one tile's epilogue with the next tile's main loop, and larger or
-clustered tiles. And Gluon kernels cannot run under TRITON_INTERPRET, so the CPU test suite
-could not check them. The backend keeps cuBLAS.
+(1) DeepSeek-V3's FC1 for one expert group, (2) its FC2; "wait, 64 rows": 4 warps, 3 stages.
+
+So the asynchronous MMA makes the blockwise kernel 4-12% faster than the Triton kernel; the best
+form per shape reaches 65-70% of cuBLAS. What it lacks against the structure of CUTLASS's Hopper
+kernels (not tried here): a warp-specialized TMA producer, a persistent tile scheduler that
+overlaps one tile's epilogue with the next tile's main loop, and larger or clustered tiles. And
+Gluon kernels cannot run under TRITON_INTERPRET, so the CPU test suite could not check them.
+The backend keeps cuBLAS.
 
     python benchmarks/gluon_gemm.py                 # check and time (Hopper GPU)
     python benchmarks/gluon_gemm.py --compile-only  # build for sm_90a here, print ptxas's notes
@@ -201,15 +203,18 @@ def _descriptors(a, b, out, block_m: int):
     return a_desc, b_desc, c_desc
 
 
-def gemm(a, a_s, b, b_s, out, mode: str = "pair", block_m: int = 128, stages: int = 4,
+def gemm(a, a_s_km, b, b_s, out, mode: str = "pair", block_m: int = 128, stages: int = 4,
          group_m: int = 8):
-    """out [M, N] bf16 = a [M, K] e4m3 with 1x128 scales a_s [M, K/128] @ (b [N, K] e4m3 with
-    128x128 scales b_s [N/128, K/128])^T. K and N multiples of 128, M any."""
+    """out [M, N] bf16 = a [M, K] e4m3 with 1x128 scales @ (b [N, K] e4m3 with 128x128 scales
+    b_s [N/128, K/128])^T. a's scales K-block-major, a_s_km [K/128, M] contiguous (one block's
+    row scales contiguous: `a_s.t().contiguous()` of the usual [M, K/128]). K and N multiples
+    of 128, M any."""
     M, K = a.shape
     N = b.shape[0]
     if K % BLOCK_K or N % 128 or K == 0:
         raise ValueError(f"K={K} and N={N} must be positive multiples of 128")
-    a_s_km = a_s.t().contiguous()  # K-block-major: one block's row scales are contiguous
+    if tuple(a_s_km.shape) != (K // BLOCK_K, M) or not a_s_km.is_contiguous():
+        raise ValueError(f"a_s_km must be a contiguous [{K // BLOCK_K}, {M}] tensor")
     grid = (triton.cdiv(M, block_m) * (N // 128),)
     gemm_kernel[grid](*_descriptors(a, b, out, block_m), a_s_km, b_s, M, K // BLOCK_K,
                       b_s.stride(0), stages, group_m, MODES[mode], num_warps=block_m // 16)
@@ -285,17 +290,20 @@ def main() -> None:
                                        generator=g).float())
         ref = (a.float() * a_s.repeat_interleave(128, 1)) @ (
             b.float() * b_s.repeat_interleave(128, 0).repeat_interleave(128, 1)).t()
-        a_s_cm = CB.col_major(a_s)
+        a_s_cm, a_s_km = CB.col_major(a_s), a_s.t().contiguous()  # made once, not timed
+        # each run writes out (poisoned with NaN first) or returns its own output; the Triton
+        # kernel allocates its output, as the backend calls it
         runs = {"cublas": lambda out: CB.dense_fwd(a, a_s_cm, b, b_s, out),
-                "triton": lambda out: out.copy_(G.gemm_fp8_triton(a, a_s, b, b_s))}
+                "triton": lambda out: G.gemm_fp8_triton(a, a_s, b, b_s)}
         for mode, bm, st in VARIANTS:
             runs[f"gluon {mode} {bm}x128 s{st}"] = (
-                lambda out, mode=mode, bm=bm, st=st: gemm(a, a_s, b, b_s, out, mode, bm, st))
+                lambda out, mode=mode, bm=bm, st=st: gemm(a, a_s_km, b, b_s, out, mode, bm, st))
         for name, fn in runs.items():
             out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=dev)
-            fn(out)
+            res = fn(out)
+            res = out if res is None else res
             torch.cuda.synchronize()
-            err = ((out.float() - ref).norm() / ref.norm()).item()  # NaN if a tile was missed
+            err = ((res.float() - ref).norm() / ref.norm()).item()  # NaN if a tile was missed
             ms = triton.testing.do_bench(lambda: fn(out), warmup=25, rep=200,
                                          return_mode="median")
             rows.append((f"{M}x{N}x{K}", name, ms, 2 * M * N * K / ms / 1e9, err))
