@@ -20,7 +20,8 @@ Forms (MODE):
 - 0 "pair": two accumulators in turn, the loop unrolled by two; block k's MMA is issued before
   block k - 1 is waited for (`num_outstanding=1`) and promoted.
 - 1 "wait": each block's MMAs issued back to back, waited for, then promoted (inside a program
-  the promotion overlaps no MMA; with 64-row tiles two programs share a multiprocessor).
+  the promotion overlaps no MMA; with 64-row tiles, 4 warps and 3 stages, up to three programs
+  fit on a multiprocessor by their registers and shared memory, and can overlap each other).
 - 2 "rolled": as 0 without the unrolling (the in-flight accumulator carried through the loop).
   ptxas then serializes every wgmma (its note C7514: non-wgmma instructions read accumulator
   registers of a wgmma in flight), which `--compile-only` shows without a GPU.
