@@ -2,8 +2,8 @@
 wgmma, against cuBLAS and the project's Triton kernel. An experiment, not used by the backend.
 
 Why: the layer's GEMMs run as one cuBLAS call per expert group (kernels/cublas.py). cuBLAS's
-blockwise kernels reach 1200 TFLOP/s on the H100; the project's Triton kernel (kernels/gemm.py)
-about 700, because Triton's Hopper pipeliner keeps a wgmma in flight only when its result feeds
+blockwise kernels reach 1100-1200 TFLOP/s on the H100; the project's Triton kernel (kernels/gemm.py)
+about 750, because Triton's Hopper pipeliner keeps a wgmma in flight only when its result feeds
 the next dot unchanged, and a blockwise GEMM scales every K block's product before adding it
 (`acc += dot(a, b) * sa[:, None] * sb`). A device-side grouped GEMM at cuBLAS's rate would drop
 the per-group host loop and its host copy of the group ends; one faster than cuBLAS is what the
