@@ -15,11 +15,13 @@ from . import kernels  # noqa: F401  (registers torch.ops.fp8flow.*)
 from .backend import fp8flow, last_report
 from .errors import Fp8Unsupported
 from .kernels.cublas import gemm_backend, set_gemm_backend
+from .kernels.weight_cache import clear_weight_cache, weight_cache_info
 from .recipe import BLOCKWISE, DEFAULT, Recipe
 from .report import Report
 
-__all__ = ["BLOCKWISE", "DEFAULT", "Fp8Unsupported", "Recipe", "Report", "explain", "fp8flow",
-           "gemm_backend", "last_report", "set_gemm_backend"]
+__all__ = ["BLOCKWISE", "DEFAULT", "Fp8Unsupported", "Recipe", "Report", "clear_weight_cache",
+           "explain", "fp8flow", "gemm_backend", "last_report", "set_gemm_backend",
+           "weight_cache_info"]
 __version__ = "0.1.0"
 
 

@@ -19,6 +19,12 @@ Options:
   passes/find_gemms.py), 0 elsewhere; 0 takes every eligible GEMM to FP8.
 - ``fp8_swiglu_input`` (bool, default True): the backward keeps the SwiGLU input (the FC1
   output) in FP8 rather than BF16, as DeepSeek-V3 does (passes/flow_save.py).
+- ``cache_weights`` (bool, default False): keep each parameter's FP8 forms across calls and
+  quantize it again only after an optimizer step or another in-place change (its `_version`),
+  so gradient-accumulation micro-batches after the first skip the weight quantization. Costs
+  the FP8 weights' memory between steps. Writes through `.data` outside an optimizer step are
+  not seen: call `fp8flow_compile.clear_weight_cache()` after such updates
+  (kernels/weight_cache.py).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ log = logging.getLogger(__name__)
 
 _LAST = Report()
 _KNOWN = {"flow", "inner", "fp8_router", "include", "exclude", "fp8_min_intensity",
-          "fp8_swiglu_input", "probs_in_swiglu"}
+          "fp8_swiglu_input", "probs_in_swiglu", "cache_weights"}
 
 
 def last_report() -> Report:

@@ -6,7 +6,9 @@ the SwiGLU input in FP8) -> flow_combine (the MoE combine's scatter-adds, no cas
 flow_probs (the routing weight moves into the SwiGLU; the FC2 output gradient is gathered in FP8) ->
 flow_gather (transposes of gathered rows read them through the gather's index) ->
 flow_recompute (the backward gathers FP8 rows again rather than keeping them); with the flow or
-without, schedule last (the forward issues the weight quantization while the host catches up).
+without, schedule (the forward issues the weight quantization while the host catches up), and
+with the option `cache_weights`, cache_weights last (weight GEMMs read FP8 weights kept across
+calls; after the cast counts, which still count the weight quantization).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import copy
 import torch.fx as fx
 
 from . import (
+    cache_weights,
     count,
     dedupe,
     find_gemms,
@@ -57,4 +60,5 @@ def run_joint(gm: fx.GraphModule, ctx: Ctx) -> dict:
     bwd = backward_nodes(gm)
     record["casts_after"] = _phase_counts(gm, bwd)
     record["casts_by_module"] = count.by_module(gm, ctx.gemms, bwd)
+    cache_weights.run(gm, ctx)
     return record

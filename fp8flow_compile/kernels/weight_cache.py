@@ -1,0 +1,140 @@
+"""FP8 weights kept across calls while the parameter is unchanged (option ``cache_weights``).
+
+A training step quantizes every FP8 weight once (`quantize_128x128_dual`: the 128x128-block form
+and its transpose). With gradient accumulation the weights do not change between the
+micro-batches of one optimizer step, so that work repeats for nothing. With the option on, the
+graph's weight GEMMs take the high-precision parameter itself (`gemm_fp8_cached_weight`) and read
+its FP8 forms from this cache, made on the first call and made again whenever the parameter has
+changed.
+
+When a cached form is used. An entry belongs to one tensor object (held by a weak reference, so
+the cache never keeps a parameter alive and its entry goes when the parameter goes) and records
+the parameter's storage pointer, offset, shape, strides, dtype, device and `_version`. Two things
+end it:
+- any `step()` of a `torch.optim` optimizer (a global step hook, registered on first use, empties
+  the cache). The fused optimizers (`fused=True`) write the parameters without bumping
+  `_version` (measured on torch 2.13), so the version alone would miss their updates;
+- any other in-place write that autograd sees bumps `_version`: `copy_`, `add_`,
+  `load_state_dict`, ops with `out=`, the foreach optimizers.
+A forward and its backward always agree, because autograd refuses a backward after an in-place
+change to a tensor it saved.
+
+What it cannot see: writes through `.data` (`p.data.copy_(...)`; `.data` has its own version
+counter) outside an optimizer step, or from outside torch (a raw pointer in an extension, an
+optimizer that is not a `torch.optim.Optimizer`). Code that updates weights that way must call
+`fp8flow_compile.clear_weight_cache()` after each update, or leave the option off.
+
+Memory: the FP8 forms of every cached weight stay alive between steps, as many bytes as the
+BF16 weights themselves (two one-byte copies). Without the cache the forward keeps only the
+transposed form, for the backward, and only until the backward has run.
+
+The FP8 forms never become buffers of the compiled graph: the GEMM op reads them inside, so
+Inductor's buffer reuse (which may write into an op's output once its last reader is done) can
+never touch a cached tensor.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+from ..errors import require
+from .gemm import gemm_fp8, grouped_gemm_fp8
+from .quantize import quantize_128x128_dual
+
+_lock = threading.Lock()
+_entries: dict[int, tuple] = {}  # id(weight) -> (weakref, key, (q, s, qT, sT))
+_stats = {"hits": 0, "misses": 0, "clears": 0}
+_hook = []  # the optimizer step hook's handle, once registered
+
+
+def _after_optimizer_step(_optimizer, _args, _kwargs) -> None:
+    clear_weight_cache()
+
+
+def _ensure_hook() -> None:
+    if not _hook:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _hook.append(register_optimizer_step_post_hook(_after_optimizer_step))
+
+
+def _key(w: torch.Tensor) -> tuple:
+    return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.stride(),
+            w.dtype, w.device, w._version)
+
+
+def _drop(ident: int):
+    def cb(_ref) -> None:
+        with _lock:
+            e = _entries.get(ident)
+            if e is not None and e[0] is _ref:
+                del _entries[ident]
+    return cb
+
+
+def cached_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
+    """(q, s, qT, sT) of `quantize_128x128_dual(w)`, made at most once per version of w."""
+    _ensure_hook()
+    ident, key = id(w), _key(w)
+    with _lock:
+        e = _entries.get(ident)
+        if e is not None and e[0]() is w and e[1] == key:
+            _stats["hits"] += 1
+            return e[2]
+        _stats["misses"] += 1
+        _entries.pop(ident, None)  # a stale form goes before the new one is made
+        gen = _stats["clears"]
+    forms = quantize_128x128_dual(w)
+    with _lock:
+        if _stats["clears"] == gen:  # not emptied meanwhile (another thread's optimizer step)
+            _entries[ident] = (weakref.ref(w, _drop(ident)), key, forms)
+    return forms
+
+
+def clear_weight_cache() -> None:
+    """Drop every cached FP8 weight. Runs after every `torch.optim` optimizer step; call it
+    after updating weights any other way `_version` does not see (e.g. through `.data`)."""
+    with _lock:
+        _entries.clear()
+        _stats["clears"] += 1
+
+
+def weight_cache_info() -> dict:
+    """{"entries", "bytes" (FP8 data and scales held), "hits", "misses" (since the last
+    reset), "clears"}."""
+    with _lock:
+        held = sum(t.numel() * t.element_size() for e in _entries.values() for t in e[2])
+        return {"entries": len(_entries), "bytes": held, **_stats}
+
+
+def reset_weight_cache_stats() -> None:
+    with _lock:
+        _stats.update(hits=0, misses=0)  # "clears" only grows: cached_weight compares it
+
+
+@torch.library.custom_op("fp8flow::gemm_fp8_cached_weight", mutates_args=())
+def gemm_fp8_cached_weight(a_q: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor,
+                           transposed_copy: bool, offs: torch.Tensor | None = None,
+                           out_dtype: torch.dtype = torch.bfloat16,
+                           offs_host: torch.Tensor | None = None) -> torch.Tensor:
+    """`gemm_fp8` / `grouped_gemm_fp8` (offs given) with b the cached FP8 form of the weight w
+    ([N, K] or [E, N, K], high precision): transposed_copy=False multiplies by w^T (fprop, w as
+    stored), True by w (dgrad, through the transposed copy)."""
+    op = "gemm_fp8_cached_weight"
+    require(w.dim() == (2 if offs is None else 3), op,
+            f"weight must be {'2' if offs is None else '3'}-D "
+            f"({'dense' if offs is None else 'grouped'}), got shape {tuple(w.shape)}")
+    q, s, qt, st = cached_weight(w)
+    bq, bs = (qt, st) if transposed_copy else (q, s)
+    if offs is None:
+        return gemm_fp8(a_q, a_s, bq, bs, True, out_dtype)
+    return grouped_gemm_fp8(a_q, a_s, bq, bs, offs, True, out_dtype, offs_host)
+
+
+@gemm_fp8_cached_weight.register_fake
+def _(a_q, a_s, w, transposed_copy, offs=None, out_dtype=torch.bfloat16, offs_host=None):
+    n = w.shape[-1] if transposed_copy else w.shape[-2]
+    return a_q.new_empty(a_q.shape[0], n, dtype=out_dtype)

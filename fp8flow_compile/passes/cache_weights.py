@@ -1,0 +1,105 @@
+"""Cache weights (option ``cache_weights``): the weight GEMMs read FP8 weights kept across calls.
+
+Expects: a joint graph after insert_qdq (and the flow passes and schedule, if on).
+Guarantees: every `quantize_128x128_dual(w)` of a parameter `w` whose four outputs feed only the
+b operand of `gemm_fp8` / `grouped_gemm_fp8` is gone; each of those GEMMs is replaced by
+`gemm_fp8_cached_weight(a_q, a_s, w, transposed_copy, offs, out_dtype, offs_host)`, which takes
+the FP8 forms from kernels/weight_cache.py (quantized when w is new or has changed since). A
+weight whose FP8 forms have another reader keeps its quantization node; the log says why.
+
+The backward's dgrad then reads w itself, which the partitioner passes to the backward for free
+(a graph input), instead of an FP8 copy the forward saved. The cast counters run before this
+pass: the weight quantization still happens, once per change of the weight rather than once per
+call, and is counted as it was.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .graph import Ctx, call, finish
+
+ops = torch.ops.fp8flow
+_GEMMS = (ops.gemm_fp8.default, ops.grouped_gemm_fp8.default)
+
+
+def _readers(q: fx.Node) -> list[tuple[fx.Node, bool]] | None:
+    """[(gemm, transposed_copy)] reading the dual quantization q's outputs as their b operand,
+    or None if any output has another reader."""
+    outs: dict[int, fx.Node] = {}
+    for u in q.users:
+        if u.target is not operator.getitem:
+            return None
+        outs[u.args[1]] = u
+    found: dict[fx.Node, bool] = {}
+    for idx, g in outs.items():
+        for r in g.users:
+            if r.target not in _GEMMS:
+                return None
+            pair = (r.args[2], r.args[3])
+            get = outs.get
+            if pair == (get(0), get(1)):
+                found[r] = False
+            elif pair == (get(2), get(3)):
+                found[r] = True
+            else:
+                return None
+            grouped = r.target is ops.grouped_gemm_fp8.default
+            trans_b = r.args[5 if grouped else 4] if len(r.args) > (5 if grouped else 4) \
+                else r.kwargs.get("trans_b", True)
+            if g in r.args[:2] or g in r.args[4:] or trans_b is not True:
+                return None  # also read as another operand, or b not read as [.., N, K]
+    return list(found.items())
+
+
+def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
+    if not ctx.options.get("cache_weights", False):
+        return gm
+    done = []
+    for q in list(gm.graph.nodes):
+        if q.op != "call_function" or q.target is not ops.quantize_128x128_dual.default:
+            continue
+        w = q.args[0]
+        name = ctx.params.get(getattr(w, "name", ""), (False, ""))[1] or str(w)
+        if not (w.op == "placeholder" and ctx.params.get(w.name, (False, ""))[0]):
+            ctx.log.append(f"cache_weights: {name} is not a parameter; quantized every call")
+            continue
+        readers = _readers(q)
+        if readers is None:
+            ctx.log.append(f"cache_weights: {name}'s FP8 forms have readers other than GEMMs; "
+                           "quantized every call")
+            continue
+        for r, tcopy in readers:
+            grouped = r.target is ops.grouped_gemm_fp8.default
+            a_q, a_s = r.args[0], r.args[1]
+            if grouped:
+                offs = r.args[4]
+                out_dtype = r.args[6] if len(r.args) > 6 else r.kwargs.get("out_dtype",
+                                                                             torch.bfloat16)
+                oh = r.args[7] if len(r.args) > 7 else r.kwargs.get("offs_host")
+            else:
+                offs, oh = None, None
+                out_dtype = r.args[5] if len(r.args) > 5 else r.kwargs.get("out_dtype",
+                                                                             torch.bfloat16)
+            with gm.graph.inserting_before(r):
+                new = call(gm, ops.gemm_fp8_cached_weight.default,
+                           (a_q, a_s, w, tcopy, offs, out_dtype, oh))
+            new.meta["fp8flow"] = dict(r.meta.get("fp8flow", {}), cached_weight=name)
+            r.replace_all_uses_with(new)
+            for g in ctx.gemms:
+                if g.node is r:
+                    g.node = new
+            gm.graph.erase_node(r)
+        for g in list(q.users):
+            gm.graph.erase_node(g)
+        gm.graph.erase_node(q)
+        done.append(name)
+    if done:
+        ctx.log.append("cache_weights: FP8 forms kept across calls, quantized again when the "
+                       f"parameter changes: {', '.join(done)}")
+        finish(gm)
+    return gm
+
