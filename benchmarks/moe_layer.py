@@ -12,6 +12,11 @@ Variants (keys for `--variants`):
   the default leaves in BF16 as too small for FP8 to pay (the OLMoE-like shape) go to FP8 anyway.
 - ``fp8flow_bf16h``  "fp8flow, h kept BF16": the same with `fp8_swiglu_input=False`, the backward
   keeping the FC1 output in BF16 instead of its FP8 copy (the memory / accuracy trade).
+- ``fp8flow_cached`` "fp8flow, weights cached": the same with `cache_weights=True`. The
+  benchmark steps no optimizer, so after the first call every step reads the FP8 weights from
+  the cache: what a gradient-accumulation micro-batch after the first pays, not a step with an
+  optimizer update (that one pays the quantization, as "fp8flow" does every step). The row's
+  `weight_cache_bytes` is the memory the cache holds between steps, outside the peak column.
 - ``fp8flow_triton`` "fp8flow triton GEMMs": the same with every FP8 GEMM forced onto the Triton
   kernels (`set_gemm_backend("triton")`), where the default picks cuBLAS per group at large
   groups (see fp8flow_compile/kernels/cublas.py).
@@ -157,6 +162,7 @@ VARIANTS = {
     "fp8flow": "fp8flow",
     "fp8flow_all": "fp8flow, all GEMMs FP8",
     "fp8flow_bf16h": "fp8flow, h kept BF16",
+    "fp8flow_cached": "fp8flow, weights cached",
     "fp8flow_triton": "fp8flow triton GEMMs",
     "fp8_hand": "fp8 hand-wired",
     "torchao_fp8": "torchao fp8 rowwise",
@@ -164,7 +170,8 @@ VARIANTS = {
 }
 BASELINE = "bf16_compiled"
 TIMINGS = ("sustained", "interleaved", "sequential")
-FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_bf16h", "fp8flow_triton")
+FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_bf16h", "fp8flow_cached",
+                "fp8flow_triton")
 ZIPF_S = 1.2
 MIB = 1 << 20
 
@@ -332,7 +339,8 @@ def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: 
     if key in FP8FLOW_KEYS:
         opts = {**fp8_opts, **{"fp8_naive": {"flow": False},
                                "fp8flow_all": {"fp8_min_intensity": 0},
-                               "fp8flow_bf16h": {"fp8_swiglu_input": False}}.get(key, {})}
+                               "fp8flow_bf16h": {"fp8_swiglu_input": False},
+                               "fp8flow_cached": {"cache_weights": True}}.get(key, {})}
         info["options"] = opts
         ff.last_report().records.clear()
         return torch.compile(m, backend=ff.fp8flow, options=opts), m, info
@@ -810,6 +818,8 @@ def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
 
     # Memory: peak of one step beyond what is allocated before it (grads included), and
     # what the forward leaves allocated (saved activations) besides its output.
+    if key == "fp8flow_cached":
+        row["weight_cache_bytes"] = ff.weight_cache_info()["bytes"]
     if dev.type == "cuda":
         clear()
         gc.collect()
@@ -899,7 +909,7 @@ def act_ratio(r: dict, rrows: dict) -> str:
 
 
 def print_tables(rows: list[dict], shapes: dict, order: list[str]) -> None:
-    cols = (f"{'routing':<9} {'variant':<20} {'ms':>9} {'MHz/W':>8} {'TFLOP/s':>8} {'speedup':>7} "
+    cols = (f"{'routing':<9} {'variant':<26} {'ms':>9} {'MHz/W':>8} {'TFLOP/s':>8} {'speedup':>7} "
             f"{'peak MiB':>9} {'saved MiB':>9} {'acts MiB':>9} {'acts x':>6} {'live MiB':>9} "
             f"{'1st call s':>10} "
             f"{'err out':>8} {'err dx':>8} {'err dw13':>8} {'err dw2':>8}")
@@ -918,7 +928,7 @@ def print_tables(rows: list[dict], shapes: dict, order: list[str]) -> None:
                 r = rrows.get(key)
                 if r is None:
                     continue
-                head = f"{routing:<9} {r['name']:<20} "
+                head = f"{routing:<9} {r['name']:<26} "
                 if "skipped" in r:
                     log(head + f"skipped: {r['skipped']}")
                     continue
@@ -1150,13 +1160,13 @@ def report(paths: list[str], out: str) -> None:
 
 def log_row(row: dict) -> None:
     if "error" in row:
-        log(f"  {row['name']:<20} ERROR {short(row['error'], 300)}")
+        log(f"  {row['name']:<26} ERROR {short(row['error'], 300)}")
         if row.get("traceback"):
             log("    " + row["traceback"].strip()[-1500:].replace("\n", "\n    "))
     elif "skipped" in row:
-        log(f"  {row['name']:<20} skipped: {row['skipped']}")
+        log(f"  {row['name']:<26} skipped: {row['skipped']}")
     else:
-        log(f"  {row['name']:<20} {row['ms']:9.3f} ms "
+        log(f"  {row['name']:<26} {row['ms']:9.3f} ms "
             f"{row['tflops']:7.1f} TFLOP/s  first call {row['first_call_s']:.1f} s"
             f"  err out {fmt(row.get('err_out'), '.1e')}"
             f" dw13 {fmt(row.get('err_dw13'), '.1e')}" + clock_power(row, "  SM {} MHz, {} W"))
@@ -1243,7 +1253,7 @@ def main(argv=None) -> None:
                         same = shared_compile(case_rows)
                         if same:
                             case_rows[-1]["compile_shared_with"] = same
-                        log(f"  {row['name']:<20} first call {row['first_call_s']:.1f} s"
+                        log(f"  {row['name']:<26} first call {row['first_call_s']:.1f} s"
                             + (f" (Dynamo reused the graphs of {same}: same backend and "
                                "options)" if same else "") + "; timed below")
                     else:

@@ -172,3 +172,23 @@ def test_op_checks_and_fake():
         offs = torch.empty(4, dtype=torch.int32)
         assert ops.gemm_fp8_cached_weight(fa, fs, fw, False, offs).shape == (8, 256)
         assert ops.gemm_fp8_cached_weight(fa, fs, fw, True, offs).shape == (8, 128)
+
+
+@pytest.mark.gpu
+def test_cached_matches_uncached_on_cuda(setup):
+    """The same on the GPU (Triton and cuBLAS kernels, Inductor), with the fused CUDA AdamW."""
+    model, x, gy = setup
+    m1, m2 = copy.deepcopy(model).cuda(), copy.deepcopy(model).cuda()
+    c1, c2 = _compile(m1, True, "inductor"), _compile(m2, False, "inductor")
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-2, fused=True)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2, fused=True)
+    x, gy = x.detach().cuda(), gy.cuda()
+    for step in range(2):
+        for _ in range(2):
+            y1, dx1 = _step(c1, x, gy)
+            y2, dx2 = _step(c2, x, gy)
+            assert torch.equal(y1, y2) and torch.equal(dx1, dx2), step
+        assert _same(_grads(m1), _grads(m2)), step
+        o1.step(), o2.step()
+        o1.zero_grad(), o2.zero_grad()
+    assert ff.weight_cache_info()["misses"] == 4
