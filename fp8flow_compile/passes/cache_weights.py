@@ -35,7 +35,7 @@ def _readers(q: fx.Node) -> list[tuple[fx.Node, bool]] | None:
             return None
         outs[u.args[1]] = u
     found: dict[fx.Node, bool] = {}
-    for idx, g in outs.items():
+    for g in outs.values():
         for r in g.users:
             if r.target not in _GEMMS:
                 return None
