@@ -33,7 +33,9 @@ def setup():
 
 
 def _compile(model, cache, inner="eager"):
-    return torch.compile(model, backend=fp8flow, options={"inner": inner, "cache_weights": cache})
+    # fp8_min_intensity=0: on CUDA the default leaves GEMMs this small in BF16.
+    return torch.compile(model, backend=fp8flow, options={"inner": inner, "cache_weights": cache,
+                                                          "fp8_min_intensity": 0})
 
 
 def _step(cm, x, gy):
@@ -191,4 +193,5 @@ def test_cached_matches_uncached_on_cuda(setup):
         assert _same(_grads(m1), _grads(m2)), step
         o1.step(), o2.step()
         o1.zero_grad(), o2.zero_grad()
-    assert ff.weight_cache_info()["misses"] == 4
+    # Per step the first micro-batch quantizes w13 and w2; 4 reads per micro-batch.
+    assert (ff.weight_cache_info()["misses"], ff.weight_cache_info()["hits"]) == (4, 12)
