@@ -195,3 +195,18 @@ def test_cached_matches_uncached_on_cuda(setup):
         o1.zero_grad(), o2.zero_grad()
     # Per step the first micro-batch quantizes w13 and w2; 4 reads per micro-batch.
     assert (ff.weight_cache_info()["misses"], ff.weight_cache_info()["hits"]) == (4, 12)
+
+
+def test_accumulate_benchmark_checks_the_cache(tmp_path, monkeypatch):
+    """benchmarks/accumulate.py's own check: with the optimizer hook working it runs and writes
+    a row per variant and K; with the hook disabled (the cache never emptied) the cached
+    variant's weights drift from the uncached one's and the run stops with an error."""
+    from benchmarks import accumulate
+    argv = ["--smoke", "--shapes", "dsv3", "--k", "2", "--rounds", "1", "--out", str(tmp_path)]
+    assert accumulate.main(argv) == 0
+    import json
+    rows = [json.loads(line) for line in open(tmp_path / "accumulate.jsonl")][1:]
+    assert sorted(r["variant"] for r in rows) == sorted(accumulate.KEYS)
+    assert all(r["ms_step"] > 0 and r["k"] == 2 for r in rows)
+    monkeypatch.setattr(wc, "clear_weight_cache", lambda: None)
+    assert accumulate.main(argv) == 1
