@@ -78,24 +78,40 @@ def test_cached_matches_uncached_over_steps(setup, opt):
             assert not torch.equal(y1, prev), "the update changed nothing: the test is blind"
         prev = y1
         info = ff.weight_cache_info()
-        # Per micro-batch: fprop of w13 and w2, dgrad of w2 and w13 = 4 reads; per step the
-        # first read of each weight quantizes it.
-        assert (info["misses"], info["hits"]) == (2 * (step + 1), 6 * (step + 1)), info
+        # Per micro-batch: the forward's fill of w13 and w2, fprop of both, dgrad of both =
+        # 6 reads; per step the first read of each weight (its fill) quantizes it.
+        assert (info["misses"], info["hits"]) == (2 * (step + 1), 10 * (step + 1)), info
         assert info["entries"] == 2
         o1.step(), o2.step()
         assert ff.weight_cache_info()["entries"] == 0  # the step hook emptied it
         o1.zero_grad(), o2.zero_grad()
 
 
+def _fp8_record():
+    return next(r for r in ff.last_report().records if any(g["fp8"] for g in r.gemms))
+
+
 def test_graph_and_report(setup):
     model, x, gy = setup
+    _step(_compile(copy.deepcopy(model), False), x, gy)
+    quant_places = {n.prev.name for n in _fp8_record().graphs["after"].graph.nodes
+                    if n.target is ops.quantize_128x128_dual.default}
+    assert len(quant_places) == 2
+    torch._dynamo.reset()
+    ff.last_report().records.clear()
     _step(_compile(model, True), x, gy)
-    rec = next(r for r in ff.last_report().records if any(g["fp8"] for g in r.gemms))
+    rec = _fp8_record()
     after = rec.graphs["after"]
     targets = [n.target for n in after.graph.nodes if n.op == "call_function"]
     assert ops.quantize_128x128_dual.default not in targets
     # fprop and dgrad of each of the two expert weights
     assert targets.count(ops.gemm_fp8_cached_weight.default) == 4
+    # one fill per weight, each read by GEMMs only, in the place of the quantization
+    fills = [n for n in after.graph.nodes if n.target is ops.weight_cache_fill.default]
+    assert len(fills) == 2
+    for f in fills:
+        assert all(u.target is ops.gemm_fp8_cached_weight.default for u in f.users)
+    assert {f.prev.name for f in fills} == quant_places
     assert any("cache_weights: FP8 forms kept" in line and "w13" in line and "w2" in line
                for line in rec.log)
     # The cast counts still count the weight quantization (it runs once per change).
@@ -193,8 +209,8 @@ def test_cached_matches_uncached_on_cuda(setup):
         assert _same(_grads(m1), _grads(m2)), step
         o1.step(), o2.step()
         o1.zero_grad(), o2.zero_grad()
-    # Per step the first micro-batch quantizes w13 and w2; 4 reads per micro-batch.
-    assert (ff.weight_cache_info()["misses"], ff.weight_cache_info()["hits"]) == (4, 12)
+    # Per step the first micro-batch quantizes w13 and w2; 6 reads per micro-batch.
+    assert (ff.weight_cache_info()["misses"], ff.weight_cache_info()["hits"]) == (4, 20)
 
 
 def test_accumulate_benchmark_checks_the_cache(tmp_path, monkeypatch):

@@ -115,14 +115,30 @@ def reset_weight_cache_stats() -> None:
         _stats.update(hits=0, misses=0)  # "clears" only grows: cached_weight compares it
 
 
+@torch.library.custom_op("fp8flow::weight_cache_fill", mutates_args=())
+def weight_cache_fill(w: torch.Tensor) -> torch.Tensor:
+    """Make w's cached FP8 forms now if they are missing; returns an empty tensor for the GEMMs
+    that read them to take as `ready`, so that the graph keeps this call where the schedule
+    put it (early in the forward, where the uncached graph quantizes the weight)."""
+    cached_weight(w)
+    return w.new_empty(0)
+
+
+@weight_cache_fill.register_fake
+def _(w):
+    return w.new_empty(0)
+
+
 @torch.library.custom_op("fp8flow::gemm_fp8_cached_weight", mutates_args=())
 def gemm_fp8_cached_weight(a_q: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor,
                            transposed_copy: bool, offs: torch.Tensor | None = None,
                            out_dtype: torch.dtype = torch.bfloat16,
-                           offs_host: torch.Tensor | None = None) -> torch.Tensor:
+                           offs_host: torch.Tensor | None = None,
+                           ready: torch.Tensor | None = None) -> torch.Tensor:
     """`gemm_fp8` / `grouped_gemm_fp8` (offs given) with b the cached FP8 form of the weight w
     ([N, K] or [E, N, K], high precision): transposed_copy=False multiplies by w^T (fprop, w as
-    stored), True by w (dgrad, through the transposed copy)."""
+    stored), True by w (dgrad, through the transposed copy). ready: the output of
+    `weight_cache_fill(w)`, unread; it only orders that call before this one."""
     op = "gemm_fp8_cached_weight"
     require(w.dim() == (2 if offs is None else 3), op,
             f"weight must be {'2' if offs is None else '3'}-D "
@@ -135,6 +151,7 @@ def gemm_fp8_cached_weight(a_q: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor
 
 
 @gemm_fp8_cached_weight.register_fake
-def _(a_q, a_s, w, transposed_copy, offs=None, out_dtype=torch.bfloat16, offs_host=None):
+def _(a_q, a_s, w, transposed_copy, offs=None, out_dtype=torch.bfloat16, offs_host=None,
+      ready=None):
     n = w.shape[-1] if transposed_copy else w.shape[-2]
     return a_q.new_empty(a_q.shape[0], n, dtype=out_dtype)

@@ -3,9 +3,12 @@
 Expects: a joint graph after insert_qdq (and the flow passes and schedule, if on).
 Guarantees: every `quantize_128x128_dual(w)` of a parameter `w` whose four outputs feed only the
 b operand of `gemm_fp8` / `grouped_gemm_fp8` is gone; each of those GEMMs is replaced by
-`gemm_fp8_cached_weight(a_q, a_s, w, transposed_copy, offs, out_dtype, offs_host)`, which takes
-the FP8 forms from kernels/weight_cache.py (quantized when w is new or has changed since). A
-weight whose FP8 forms have another reader keeps its quantization node; the log says why.
+`gemm_fp8_cached_weight(a_q, a_s, w, transposed_copy, offs, out_dtype, offs_host, ready)`, which
+takes the FP8 forms from kernels/weight_cache.py (quantized when w is new or has changed since).
+In the quantization's place (where the schedule pass put it) goes `ready = weight_cache_fill(w)`,
+which the forward's GEMMs take: after an optimizer step the weight is quantized there, early,
+as the uncached graph does, not inside the first GEMM. A weight whose FP8 forms have another
+reader keeps its quantization node; the log says why.
 
 The backward's dgrad then reads w itself, which the partitioner passes to the backward for free
 (a graph input), instead of an FP8 copy the forward saved. The cast counters run before this
@@ -20,7 +23,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, call, finish
+from .graph import Ctx, backward_nodes, call, finish
 
 ops = torch.ops.fp8flow
 _GEMMS = (ops.gemm_fp8.default, ops.grouped_gemm_fp8.default)
@@ -59,6 +62,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     if not ctx.options.get("cache_weights", False):
         return gm
     done = []
+    bwd = backward_nodes(gm)
     for q in list(gm.graph.nodes):
         if q.op != "call_function" or q.target is not ops.quantize_128x128_dual.default:
             continue
@@ -72,6 +76,11 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             ctx.log.append(f"cache_weights: {name}'s FP8 forms have readers other than GEMMs; "
                            "quantized every call")
             continue
+        # The fill takes the quantization's place (the schedule's: early in the forward), so
+        # that a call after an optimizer step quantizes there rather than inside its first GEMM.
+        with gm.graph.inserting_before(q):
+            fill = call(gm, ops.weight_cache_fill.default, (w,), name=f"fill_{w.name}")
+        fill_used = False
         for r, tcopy in readers:
             grouped = r.target is ops.grouped_gemm_fp8.default
             a_q, a_s = r.args[0], r.args[1]
@@ -84,9 +93,11 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 offs, oh = None, None
                 out_dtype = r.args[5] if len(r.args) > 5 else r.kwargs.get("out_dtype",
                                                                              torch.bfloat16)
+            ready = None if r in bwd else fill
+            fill_used |= ready is not None
             with gm.graph.inserting_before(r):
                 new = call(gm, ops.gemm_fp8_cached_weight.default,
-                           (a_q, a_s, w, tcopy, offs, out_dtype, oh))
+                           (a_q, a_s, w, tcopy, offs, out_dtype, oh, ready))
             new.meta["fp8flow"] = dict(r.meta.get("fp8flow", {}), cached_weight=name)
             r.replace_all_uses_with(new)
             for g in ctx.gemms:
@@ -96,6 +107,8 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         for g in list(q.users):
             gm.graph.erase_node(g)
         gm.graph.erase_node(q)
+        if not fill_used:  # read by the backward only (the forward had no use for w's FP8)
+            gm.graph.erase_node(fill)
         done.append(name)
     if done:
         ctx.log.append("cache_weights: FP8 forms kept across calls, quantized again when the "
