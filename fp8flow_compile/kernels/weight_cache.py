@@ -16,8 +16,8 @@ end it:
   `_version` (measured on torch 2.13), so the version alone would miss their updates;
 - any other in-place write that autograd sees bumps `_version`: `copy_`, `add_`,
   `load_state_dict`, ops with `out=`, the foreach optimizers.
-A forward and its backward always agree, because autograd refuses a backward after an in-place
-change to a tensor it saved.
+A forward and its backward read the same FP8 forms unless the weight changes between them, which
+autograd refuses for any change that bumps `_version` (a tensor it saved was modified).
 
 What it cannot see: writes through `.data` (`p.data.copy_(...)`; `.data` has its own version
 counter) outside an optimizer step, or from outside torch (a raw pointer in an extension, an
