@@ -3,9 +3,9 @@ canonical MoE layer, then a fused AdamW step, timed per optimizer step.
 
 What `cache_weights` buys in training. The layer benchmark (moe_layer.py) steps no optimizer, so
 its `fp8flow, weights cached` row is a micro-batch after the first; here every optimizer step
-empties the cache, so the first micro-batch of each step quantizes the weights again (inside its
-first weight GEMM, where the uncached graph issues the quantization at the graph's start), and
-the others read the cache. K = 1 shows what the option costs when every micro-batch is a step.
+empties the cache, so the first micro-batch of each step quantizes the weights again (in
+`weight_cache_fill`, where the uncached graph quantizes them), and the others read the cache.
+K = 1 shows what the option costs when every micro-batch is a step.
 
 Variants (`moe_layer.VARIANTS` keys): bf16_compiled (the baseline), fp8flow, fp8flow_cached.
 Each has its own copy of the weights, its own AdamW (fused, lr 1e-5) and is timed in sustained

@@ -22,9 +22,9 @@ Options:
 - ``cache_weights`` (bool, default False): keep each parameter's FP8 forms across calls and
   quantize it again only after an optimizer step or another in-place change (its `_version`),
   so gradient-accumulation micro-batches after the first skip the weight quantization. Costs
-  the FP8 weights' memory between steps. Writes through `.data` outside an optimizer step are
-  not seen: call `fp8flow_compile.clear_weight_cache()` after such updates
-  (kernels/weight_cache.py).
+  the FP8 weights' memory between steps. Writes through `.data`, `p.data = t` swaps and other
+  tensors sharing the weight's storage are not seen outside an optimizer step: call
+  `fp8flow_compile.clear_weight_cache()` after such updates (kernels/weight_cache.py).
 """
 
 from __future__ import annotations

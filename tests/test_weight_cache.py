@@ -226,3 +226,51 @@ def test_accumulate_benchmark_checks_the_cache(tmp_path, monkeypatch):
     assert all(r["ms_step"] > 0 and r["k"] == 2 for r in rows)
     monkeypatch.setattr(wc, "clear_weight_cache", lambda: None)
     assert accumulate.main(argv) == 1
+
+
+_DYING = """
+import threading, torch
+import fp8flow_compile as ff
+from fp8flow_compile.kernels import weight_cache as wc
+box = [torch.nn.Parameter(torch.randn(256, 128, dtype=torch.bfloat16))]
+with torch.no_grad():
+    wc.cached_weight(box[0])
+assert ff.weight_cache_info()["entries"] == 1
+done = threading.Event()
+def run():
+    with wc._lock:
+        box.clear()  # the last reference: the callback runs here, lock held
+    done.set()
+t = threading.Thread(target=run, daemon=True)
+t.start()
+t.join(20)
+assert done.is_set(), "the weak reference's callback blocked on the cache's lock"
+assert ff.weight_cache_info()["entries"] == 0
+print("ok")
+"""
+
+
+def test_weight_dying_while_the_lock_is_held():
+    """A weak reference's callback can run inside any allocation (a garbage collection), also
+    while the cache's lock is held: it must not take the lock. The weight dies in a thread
+    that holds the lock. In a child process, so that a callback that locks fails this test
+    (the lock stays held) without hanging the rest of the suite."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", _DYING], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_forms_hold_no_autograd_history(setup):
+    """Called with grad mode on, the forms must not record a graph (its nodes would hold the
+    weight, so the entry would never go)."""
+    box = [torch.nn.Parameter(torch.randn(256, 128, dtype=torch.bfloat16))]
+    forms = wc.cached_weight(box[0])
+    assert all(f.grad_fn is None for f in forms)
+    del forms
+    box.clear()
+    gc.collect()
+    assert ff.weight_cache_info()["entries"] == 0

@@ -16,17 +16,27 @@ end it:
   `_version` (measured on torch 2.13), so the version alone would miss their updates;
 - any other in-place write that autograd sees bumps `_version`: `copy_`, `add_`,
   `load_state_dict`, ops with `out=`, the foreach optimizers.
-A forward and its backward read the same FP8 forms unless the weight changes between them, which
-autograd refuses for any change that bumps `_version` (a tensor it saved was modified).
+Between a forward and its backward, autograd refuses any change that bumps `_version`; a change
+it cannot see (a fused optimizer step run between them, as in optimizer-in-backward schedules)
+makes the backward's dgrad quantize the new weight, where the uncached graph would use the
+forward's FP8 copy of the old one.
 
-What it cannot see: writes through `.data` (`p.data.copy_(...)`; `.data` has its own version
-counter) outside an optimizer step, or from outside torch (a raw pointer in an extension, an
-optimizer that is not a `torch.optim.Optimizer`). Code that updates weights that way must call
-`fp8flow_compile.clear_weight_cache()` after each update, or leave the option off.
+What it cannot see, outside an optimizer step: writes through `.data` (`p.data.copy_(...)`:
+`.data` has its own version counter); `p.data = t` followed by in-place writes to `t` (the
+parameter keeps its own counter, `t`'s is bumped: swapping EMA weights in and out this way is
+not seen); writes through any other tensor that shares the parameter's storage (parameters
+that are views of a flat buffer which something else writes); writes from outside torch (a raw
+pointer in an extension, an optimizer that is not a `torch.optim.Optimizer`). Code that updates
+weights in any of these ways must call `fp8flow_compile.clear_weight_cache()` after each
+update, or leave the option off.
 
-Memory: the FP8 forms of every cached weight stay alive between steps, as many bytes as the
-BF16 weights themselves (two one-byte copies). Without the cache the forward keeps only the
-transposed form, for the backward, and only until the backward has run.
+Memory: the FP8 forms of every cached weight stay alive until the next optimizer step, as many
+bytes as the BF16 weights themselves (two one-byte copies). Without the cache the forward keeps
+only the transposed form, for the backward, and only until the backward has run. Where weights
+are gathered per layer and freed again (FSDP), the cache keeps the FP8 forms of every layer's
+whole weights until the step, which may be more memory than the sharding saves. Any optimizer's
+step empties the whole cache, also of weights that optimizer does not update (frozen weights,
+a second optimizer): those are quantized again at their next call.
 
 The FP8 forms never become buffers of the compiled graph: the GEMM op reads them inside, so
 Inductor's buffer reuse (which may write into an op's output once its last reader is done) can
@@ -46,6 +56,7 @@ from .quantize import quantize_128x128_dual
 
 _lock = threading.Lock()
 _entries: dict[int, tuple] = {}  # id(weight) -> (weakref, key, (q, s, qT, sT))
+_dead: list[int] = []  # ids whose weight has gone, noted by the weak references' callbacks
 _stats = {"hits": 0, "misses": 0, "clears": 0}
 _hook = []  # the optimizer step hook's handle, once registered
 
@@ -66,12 +77,24 @@ def _key(w: torch.Tensor) -> tuple:
 
 
 def _drop(ident: int):
+    # A weak reference's callback may run inside any allocation (a garbage collection), also
+    # while this thread holds _lock: it takes no lock and touches no entry, it only notes the id
+    # (list.append is atomic); _purge drops the entry at the next call that holds the lock.
     def cb(_ref) -> None:
-        with _lock:
-            e = _entries.get(ident)
-            if e is not None and e[0] is _ref:
-                del _entries[ident]
+        _dead.append(ident)
     return cb
+
+
+def _purge() -> list:
+    """Under _lock: take out the entries whose parameter has gone; returns their forms, which
+    the caller lets go after releasing the lock."""
+    gone = []
+    while _dead:
+        ident = _dead.pop()
+        e = _entries.get(ident)
+        if e is not None and e[0]() is None:
+            gone.append(_entries.pop(ident))
+    return gone
 
 
 def cached_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -80,34 +103,45 @@ def cached_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     _ensure_hook()
     ident, key = id(w), _key(w)
     with _lock:
+        gone = _purge()
         e = _entries.get(ident)
         if e is not None and e[0]() is w and e[1] == key:
             _stats["hits"] += 1
             return e[2]
         _stats["misses"] += 1
-        _entries.pop(ident, None)  # a stale form goes before the new one is made
+        stale = _entries.pop(ident, None)  # a stale form goes before the new one is made
         gen = _stats["clears"]
-    forms = quantize_128x128_dual(w)
+    del gone, stale
+    with torch.no_grad():  # the forms carry no autograd history (which would hold w)
+        forms = quantize_128x128_dual(w)
+    ref = weakref.ref(w, _drop(ident))
     with _lock:
         if _stats["clears"] == gen:  # not emptied meanwhile (another thread's optimizer step)
-            _entries[ident] = (weakref.ref(w, _drop(ident)), key, forms)
+            _entries[ident] = (ref, key, forms)
     return forms
 
 
 def clear_weight_cache() -> None:
     """Drop every cached FP8 weight. Runs after every `torch.optim` optimizer step; call it
     after updating weights any other way `_version` does not see (e.g. through `.data`)."""
+    global _entries
     with _lock:
-        _entries.clear()
+        old, _entries = _entries, {}
+        _dead.clear()
         _stats["clears"] += 1
+    del old  # the FP8 forms are freed outside the lock
 
 
 def weight_cache_info() -> dict:
     """{"entries", "bytes" (FP8 data and scales held), "hits", "misses" (since the last
     reset), "clears"}."""
     with _lock:
-        held = sum(t.numel() * t.element_size() for e in _entries.values() for t in e[2])
-        return {"entries": len(_entries), "bytes": held, **_stats}
+        gone = _purge()
+        forms = [e[2] for e in _entries.values()]
+        info = {"entries": len(forms), **_stats}
+    del gone
+    info["bytes"] = sum(t.numel() * t.element_size() for f in forms for t in f)
+    return info
 
 
 def reset_weight_cache_stats() -> None:

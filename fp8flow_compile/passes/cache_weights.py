@@ -30,30 +30,30 @@ _GEMMS = (ops.gemm_fp8.default, ops.grouped_gemm_fp8.default)
 
 
 def _readers(q: fx.Node) -> list[tuple[fx.Node, bool]] | None:
-    """[(gemm, transposed_copy)] reading the dual quantization q's outputs as their b operand,
-    or None if any output has another reader."""
-    outs: dict[int, fx.Node] = {}
+    """[(gemm, transposed_copy)] reading the dual quantization q's outputs as their b operand
+    (positional b_q, b_s; trans_b True), or None if any output has another reader."""
+    index: dict[fx.Node, int] = {}  # getitem node -> output index (duplicates allowed)
     for u in q.users:
         if u.target is not operator.getitem:
             return None
-        outs[u.args[1]] = u
+        index[u] = u.args[1]
     found: dict[fx.Node, bool] = {}
-    for g in outs.values():
+    for g in index:
         for r in g.users:
             if r.target not in _GEMMS:
                 return None
-            pair = (r.args[2], r.args[3])
-            get = outs.get
-            if pair == (get(0), get(1)):
-                found[r] = False
-            elif pair == (get(2), get(3)):
-                found[r] = True
-            else:
-                return None
             grouped = r.target is ops.grouped_gemm_fp8.default
-            trans_b = r.args[5 if grouped else 4] if len(r.args) > (5 if grouped else 4) \
-                else r.kwargs.get("trans_b", True)
-            if g in r.args[:2] or g in r.args[4:] or trans_b is not True:
+            n_pos = 5 if grouped else 4  # positional operands up to offs / before trans_b
+            if len(r.args) < n_pos or any(k in r.kwargs for k in ("a_q", "a_s", "b_q", "b_s",
+                                                                   "offs")):
+                return None
+            pair = (index.get(r.args[2]), index.get(r.args[3]))
+            if pair not in ((0, 1), (2, 3)):
+                return None
+            found[r] = pair == (2, 3)
+            trans_b = r.args[n_pos] if len(r.args) > n_pos else r.kwargs.get("trans_b", True)
+            rest = list(r.args[:2]) + list(r.args[4:]) + list(r.kwargs.values())
+            if any(isinstance(a, fx.Node) and a in index for a in rest) or trans_b is not True:
                 return None  # also read as another operand, or b not read as [.., N, K]
     return list(found.items())
 
