@@ -3,8 +3,9 @@
 Expects: a joint graph after insert_qdq (and the flow passes and schedule, if on).
 Guarantees: every `quantize_128x128_dual(w)` of a parameter `w` whose four outputs feed only the
 b operand of `gemm_fp8` / `grouped_gemm_fp8` is gone; each of those GEMMs is replaced by
-`gemm_fp8_cached_weight(a_q, a_s, w, transposed_copy, offs, out_dtype, offs_host, ready)`, which
-takes the FP8 forms from kernels/weight_cache.py (quantized when w is new or has changed since).
+`gemm_fp8_cached_weight(a_q, a_s, w, transposed_copy, ...)` (the GEMM's other arguments, and
+`ready`), which takes the FP8 forms from kernels/weight_cache.py (quantized when w is new or has
+changed since).
 In the quantization's place (where the schedule pass put it) goes `ready = weight_cache_fill(w)`,
 which the forward's GEMMs take: after an optimizer step the weight is quantized there, early,
 as the uncached graph does, not inside the first GEMM. A weight whose FP8 forms have another
@@ -29,33 +30,35 @@ ops = torch.ops.fp8flow
 _GEMMS = (ops.gemm_fp8.default, ops.grouped_gemm_fp8.default)
 
 
-def _readers(q: fx.Node) -> list[tuple[fx.Node, bool]] | None:
-    """[(gemm, transposed_copy)] reading the dual quantization q's outputs as their b operand
-    (positional b_q, b_s; trans_b True), or None if any output has another reader."""
+def _given(n: fx.Node) -> dict:
+    """The arguments of the call n as given, positional or keyword, by their schema names."""
+    names = [a.name for a in n.target._schema.arguments]
+    return {**dict(zip(names, n.args)), **n.kwargs}
+
+
+def _readers(q: fx.Node) -> list[tuple[fx.Node, bool, dict]] | None:
+    """[(gemm, transposed_copy, its arguments)] reading the dual quantization q's outputs as
+    their b operand (trans_b True), or None if any output has another reader."""
     index: dict[fx.Node, int] = {}  # getitem node -> output index (duplicates allowed)
     for u in q.users:
         if u.target is not operator.getitem:
             return None
         index[u] = u.args[1]
-    found: dict[fx.Node, bool] = {}
+    found: dict[fx.Node, tuple[bool, dict]] = {}
     for g in index:
         for r in g.users:
             if r.target not in _GEMMS:
                 return None
-            grouped = r.target is ops.grouped_gemm_fp8.default
-            n_pos = 5 if grouped else 4  # positional operands up to offs / before trans_b
-            if len(r.args) < n_pos or any(k in r.kwargs for k in ("a_q", "a_s", "b_q", "b_s",
-                                                                   "offs")):
-                return None
-            pair = (index.get(r.args[2]), index.get(r.args[3]))
+            given = _given(r)
+            pair = (index.get(given.get("b_q")), index.get(given.get("b_s")))
             if pair not in ((0, 1), (2, 3)):
                 return None
-            found[r] = pair == (2, 3)
-            trans_b = r.args[n_pos] if len(r.args) > n_pos else r.kwargs.get("trans_b", True)
-            rest = list(r.args[:2]) + list(r.args[4:]) + list(r.kwargs.values())
-            if any(isinstance(a, fx.Node) and a in index for a in rest) or trans_b is not True:
+            rest = [v for k, v in given.items() if k not in ("b_q", "b_s")]
+            if any(isinstance(a, fx.Node) and a in index for a in rest) or \
+                    given.get("trans_b", True) is not True:
                 return None  # also read as another operand, or b not read as [.., N, K]
-    return list(found.items())
+            found[r] = (pair == (2, 3), given)
+    return [(r, tcopy, given) for r, (tcopy, given) in found.items()]
 
 
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
@@ -81,23 +84,15 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         with gm.graph.inserting_before(q):
             fill = call(gm, ops.weight_cache_fill.default, (w,), name=f"fill_{w.name}")
         fill_used = False
-        for r, tcopy in readers:
-            grouped = r.target is ops.grouped_gemm_fp8.default
-            a_q, a_s = r.args[0], r.args[1]
-            if grouped:
-                offs = r.args[4]
-                out_dtype = r.args[6] if len(r.args) > 6 else r.kwargs.get("out_dtype",
-                                                                             torch.bfloat16)
-                oh = r.args[7] if len(r.args) > 7 else r.kwargs.get("offs_host")
-            else:
-                offs, oh = None, None
-                out_dtype = r.args[5] if len(r.args) > 5 else r.kwargs.get("out_dtype",
-                                                                             torch.bfloat16)
-            ready = None if r in bwd else fill
-            fill_used |= ready is not None
+        for r, tcopy, given in readers:
+            # offs (grouped only), out_dtype and offs_host as the GEMM had them; the cached
+            # op's defaults are the GEMMs' own
+            kwargs = {k: v for k, v in given.items() if k in ("offs", "out_dtype", "offs_host")}
+            kwargs["ready"] = None if r in bwd else fill
+            fill_used |= kwargs["ready"] is not None
             with gm.graph.inserting_before(r):
                 new = call(gm, ops.gemm_fp8_cached_weight.default,
-                           (a_q, a_s, w, tcopy, offs, out_dtype, oh, ready))
+                           (given["a_q"], given["a_s"], w, tcopy), kwargs)
             new.meta["fp8flow"] = dict(r.meta.get("fp8flow", {}), cached_weight=name)
             r.replace_all_uses_with(new)
             for g in ctx.gemms:
