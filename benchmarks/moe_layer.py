@@ -17,6 +17,9 @@ Variants (keys for `--variants`):
   the cache: what a gradient-accumulation micro-batch after the first pays, not a step with an
   optimizer update (that one pays the quantization, as "fp8flow" does every step). The row's
   `weight_cache_bytes` is the memory the cache holds between steps, outside the peak column.
+- ``fp8flow_rowscales`` "fp8flow, per-row wgrad": the same with `block_scales=False`:
+  the wgrad GEMMs read the transposes' scales per row (1x128 x 1x128 in cuBLAS) rather than as
+  the 128x128 blocks they are (1x128 x 128x128), the default before that pass.
 - ``fp8flow_triton`` "fp8flow triton GEMMs": the same with every FP8 GEMM forced onto the Triton
   kernels (`set_gemm_backend("triton")`), where the default picks cuBLAS per group at large
   groups (see fp8flow_compile/kernels/cublas.py).
@@ -163,6 +166,7 @@ VARIANTS = {
     "fp8flow_all": "fp8flow, all GEMMs FP8",
     "fp8flow_bf16h": "fp8flow, h kept BF16",
     "fp8flow_cached": "fp8flow, weights cached",
+    "fp8flow_rowscales": "fp8flow, per-row wgrad",
     "fp8flow_triton": "fp8flow triton GEMMs",
     "fp8_hand": "fp8 hand-wired",
     "torchao_fp8": "torchao fp8 rowwise",
@@ -171,7 +175,7 @@ VARIANTS = {
 BASELINE = "bf16_compiled"
 TIMINGS = ("sustained", "interleaved", "sequential")
 FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_bf16h", "fp8flow_cached",
-                "fp8flow_triton")
+                "fp8flow_rowscales", "fp8flow_triton")
 ZIPF_S = 1.2
 MIB = 1 << 20
 
@@ -340,7 +344,8 @@ def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: 
         opts = {**fp8_opts, **{"fp8_naive": {"flow": False},
                                "fp8flow_all": {"fp8_min_intensity": 0},
                                "fp8flow_bf16h": {"fp8_swiglu_input": False},
-                               "fp8flow_cached": {"cache_weights": True}}.get(key, {})}
+                               "fp8flow_cached": {"cache_weights": True},
+                               "fp8flow_rowscales": {"block_scales": False}}.get(key, {})}
         info["options"] = opts
         ff.last_report().records.clear()
         return torch.compile(m, backend=ff.fp8flow, options=opts), m, info

@@ -25,6 +25,9 @@ Options:
   the FP8 weights' memory between steps. Writes through `.data`, `p.data = t` swaps and other
   tensors sharing the weight's storage are not seen outside an optimizer step: call
   `fp8flow_compile.clear_weight_cache()` after such updates (kernels/weight_cache.py).
+- ``block_scales`` (bool, default True): the wgrad GEMMs read the scaling-aware transpose's
+  scales as the 128x128 blocks they are, which cuBLAS runs faster; the same values
+  (passes/block_scales.py). False keeps the per-row form, for comparisons.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 
 _LAST = Report()
 _KNOWN = {"flow", "inner", "fp8_router", "include", "exclude", "fp8_min_intensity",
-          "fp8_swiglu_input", "probs_in_swiglu", "cache_weights"}
+          "fp8_swiglu_input", "probs_in_swiglu", "cache_weights", "block_scales"}
 
 
 def last_report() -> Report:

@@ -930,3 +930,260 @@ def test_cublas_direct_loop_uses_one_stream_only_where_rows_overrun():
     raw = RawCaller("wgrad")
     CB.grouped_wgrad(*t, *t, torch.tensor([16, 64], dtype=torch.int32), F32, dense=raw)
     assert raw.streams == LT.STREAMS
+
+
+# ---------------------------------------------------------------- wgrad scales in 128x128 blocks
+
+from fp8flow_compile.kernels import transpose as TR  # noqa: E402
+from fp8flow_compile.kernels.common import expand_block_scales, is_block_scaled  # noqa: E402
+
+
+def transposed_operand(rows, offs, seed, align=1, src_row=None):
+    """A wgrad operand as the flow makes it: row-wise 1x128 FP8 of [P, rows] values, then the
+    scaling-aware transpose into the group layout. Returns (qT, sT per row, sT in blocks)."""
+    q, s = Q.quantize_1x128_ref(rnd((P, rows), seed))
+    qT, sT = TR.scaling_aware_transpose_ref(q, s, offs, align, src_row)
+    return qT, sT, sT[::TILE].contiguous()
+
+
+def block_operand(rows, offs, seed, length=P, align=1):
+    """A wgrad operand whose scales are constant over 128-row blocks, with any number of rows
+    (the transpose needs a multiple of 128): column-wise FP8 bytes with the scales replaced by
+    a random power-of-two grid. Returns (qT, sT per row, sT in blocks)."""
+    qT, sT = Q.quantize_1x128_col_ref(rnd((length, rows), seed), offs, align)
+    g = torch.Generator().manual_seed(seed)
+    blk = torch.exp2(torch.randint(-6, 6, (-(-rows // TILE), sT.shape[1]), generator=g).float())
+    return qT, expand_block_scales(blk, rows).contiguous(), blk
+
+
+@pytest.mark.parametrize("case", ["ragged", "empty_and_tail", "aligned16", "gathered", "dense"])
+def test_transpose_scales_are_constant_over_128_row_blocks(case):
+    """What passes/block_scales.py relies on: the transpose gives every row of a 128-row block
+    the same scale per token tile, so every 128th row holds all of them; a row-wise column
+    quantization does not (its scales differ row by row)."""
+    offs = None if case == "dense" else torch.tensor(OFFS_CASES["ragged" if case == "ragged"
+                                                                else "empty_and_tail"],
+                                                     dtype=torch.int32)
+    align = 16 if case == "aligned16" else 1
+    src = None
+    if case == "gathered":
+        src = torch.randperm(P, generator=torch.Generator().manual_seed(3)).to(torch.int32)
+        src[::7] = -1
+    qT, sT, blk = transposed_operand(384, offs, 60, align, src)
+    assert blk.shape == (3, sT.shape[1]) and is_block_scaled(blk, 384)
+    assert torch.equal(expand_block_scales(blk, 384), sT)
+    _, s_col = Q.quantize_1x128_col_ref(rnd((P, 384), 60), offs)
+    assert not torch.equal(expand_block_scales(s_col[::TILE].contiguous(), 384), s_col)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", ["ragged", "empty_and_tail", "one_group"])
+def test_grouped_wgrad_block_scales_give_the_same_bits(impl, case):
+    """Per-row and block forms of the same scales, in every combination, through the reference
+    and the Triton kernel (interpreter): the same output bits. Rows not a multiple of 128 (200)
+    make the last block partial."""
+    wgrad = IMPLS[impl][3]
+    offs = torch.tensor(OFFS_CASES[case], dtype=torch.int32)
+    aq, as_rows, as_blk = block_operand(200, offs, 61)
+    bq, bs_rows, bs_blk = transposed_operand(256, offs, 62)
+    ref = wgrad(aq, as_rows, bq, bs_rows, offs, F32)
+    for sa, sb in [(as_rows, bs_blk), (as_blk, bs_rows), (as_blk, bs_blk)]:
+        assert torch.equal(wgrad(aq, sa, bq, sb, offs, F32), ref)
+    check_gemm(ref[1], deq_rows(aq, as_rows, offs)[:, offs[0]:offs[1]],
+               deq_rows(bq, bs_rows, offs)[:, offs[0]:offs[1]].t(), F32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dense_wgrad_block_scales_give_the_same_bits(impl):
+    wgrad = IMPLS[impl][2]
+    aq, as_rows, as_blk = block_operand(200, None, 63)
+    bq, bs_rows, bs_blk = transposed_operand(256, None, 64)
+    ref = wgrad(aq, as_rows, bq, bs_rows, BF16)
+    for sa, sb in [(as_rows, bs_blk), (as_blk, bs_rows), (as_blk, bs_blk)]:
+        assert torch.equal(wgrad(aq, sa, bq, sb, BF16), ref)
+
+
+def _grid_at(addr, rows, k):
+    """A call's 128x128 scale grid read from its address as cuBLAS reads it: [cdiv(rows, 128),
+    cdiv(k, 128)] with the row stride rounded up to GRID_LD; returned per row."""
+    kt = -(-k // TILE)
+    ld = -(-kt // LT.GRID_LD) * LT.GRID_LD
+    rb = -(-rows // TILE)
+    grid = _floats_at(addr, rb * ld).view(rb, ld)[:, :kt]
+    return _packed_cm(expand_block_scales(grid, rows))
+
+
+def _packed_cm(x):
+    """x with packed column-major strides (1, rows), also where it has one column."""
+    return torch.empty_strided(x.shape, (1, x.shape[0])).copy_(x)
+
+
+class RawBlockCaller(RawCaller):
+    """RawCaller for the wgrad kinds with one operand's scales in 128x128 blocks: the grid is
+    read from its address by cuBLAS's rule (`_grid_at`), expanded to rows and run through the
+    per-row stand-in."""
+
+    def __call__(self, a, sa, b, sb, out):
+        k = a.shape[1]
+        if self.kind == "wgrad_a":
+            sa = _grid_at(sa.data_ptr(), a.shape[0], k)
+        else:
+            sb = _grid_at(sb.data_ptr(), b.shape[0], k)
+        strict_dense_wgrad(a, sa, b, sb, out)
+        self.tensor_calls = getattr(self, "tensor_calls", 0) + 1
+
+    def many(self, a, b, out, calls, streams=1):
+        self.streams = streams
+        for oa, m, ob, n, k, oo, pas, pbs in calls:
+            view = lambda t, r, off, c: torch.as_strided(t, (r, c), (t.stride(0), 1),  # noqa
+                                                         t.storage_offset() + off)
+            A, B, O = view(a, m, oa, k), view(b, n, ob, k), view(out, m, oo, n)
+            kt = -(-k // TILE)
+            if self.kind == "wgrad_a":
+                sa = _grid_at(pas, m, k)
+                sb = _floats_at(pbs, n * kt).view(kt, n).t()
+            else:
+                sa = _floats_at(pas, m * kt).view(kt, m).t()
+                sb = _grid_at(pbs, n, k)
+            strict_dense_wgrad(A, sa, B, sb, O)
+            self.raw_calls += 1
+
+
+@pytest.mark.parametrize("case", CUBLAS_OFFS)
+@pytest.mark.parametrize("blocks", ["a", "b", "both"])
+def test_cublas_wgrad_loop_reads_block_grids(case, blocks):
+    """The cuBLAS loop with block scales (CPU stand-in that reads each call's grid from its
+    address by cuBLAS's rule) gives the per-row loop's bits: in the aligned layout (raw
+    offsets) and the plain one (unaligned groups through padded copies); both operands in
+    blocks runs a's per row."""
+    offs = torch.tensor(CUBLAS_OFFS[case], dtype=torch.int32)
+    for o, align in [(offs, 1), (GR.pad_offsets(offs, 16), 16)]:
+        aq, as_rows, as_blk = block_operand(160, o, 65) if align == 1 else \
+            transposed_operand(256, offs, 65, align)
+        bq, bs_rows, bs_blk = block_operand(64, o, 66) if align == 1 else \
+            transposed_operand(128, offs, 66, align)
+        sa = as_blk if blocks in ("a", "both") else as_rows
+        sb = bs_blk if blocks in ("b", "both") else bs_rows
+        kind = "wgrad_a" if blocks == "a" else "wgrad_b"
+        raw = RawBlockCaller(kind)
+        dw = CB.grouped_wgrad(aq, sa, bq, sb, o, F32, dense=raw)
+        ref = CB.grouped_wgrad(aq, as_rows, bq, bs_rows, o, F32, dense=strict_dense_wgrad)
+        assert torch.equal(dw, ref)
+        nonempty = int((o.diff(prepend=o.new_zeros(1)) > 0).sum())
+        assert raw.raw_calls + getattr(raw, "tensor_calls", 0) == nonempty
+        if align == 16:
+            assert raw.raw_calls == nonempty
+    # dense, tokens a multiple of 16 as cuBLAS needs them
+    aq, as_rows, as_blk = block_operand(160, None, 67, 208)  # 2 tiles: the grid padded
+    bq, bs_rows, bs_blk = block_operand(64, None, 68, 208)
+    raw = RawBlockCaller("wgrad_b")
+    assert torch.equal(CB.gemm_wgrad(aq, as_blk, bq, bs_blk, BF16, dense=raw),
+                       CB.gemm_wgrad(aq, as_rows, bq, bs_rows, BF16, dense=strict_dense_wgrad))
+
+
+def test_cublas_wgrad_block_scales_fall_back_to_rows():
+    """Without a cuBLASLt caller of the block kind (the torch call, or a refused call partway
+    through) the loop runs per row on expanded scales: the same bits."""
+    o = torch.tensor(CUBLAS_OFFS["small_and_unaligned"], dtype=torch.int32)
+    offs = GR.pad_offsets(o, 16)  # the aligned layout: every group on raw offsets
+    aq, as_rows, _ = block_operand(160, o, 69, align=16)
+    bq, bs_rows, bs_blk = block_operand(64, o, 70, align=16)
+    ref = CB.grouped_wgrad(aq, as_rows, bq, bs_rows, offs, F32, dense=strict_dense_wgrad)
+    assert torch.equal(CB.grouped_wgrad(aq, as_rows, bq, bs_blk, offs, F32,
+                                        dense=strict_dense_wgrad), ref)
+
+    class FailingBlocks(RawBlockCaller):
+        def many(self, a, b, out, calls, streams=1):
+            super().many(a, b, out, calls[:1])
+            raise LT.CublasLtError("cuBLASLt matmul: CUBLAS_STATUS_NOT_SUPPORTED (15)")
+
+    import unittest.mock as mock
+    with mock.patch.object(CB, "dense_wgrad", strict_dense_wgrad):
+        dw = CB.grouped_wgrad(aq, as_rows, bq, bs_blk, offs, F32, dense=FailingBlocks("wgrad_b"))
+    assert torch.equal(dw, ref)
+
+
+@pytest.mark.parametrize("offs", [[5, 3, 9, 20], [0, 0, 0], [16, 48, 250], [300],
+                                  [1, 6, 22, 38, 38, 166, 294], [3, 297, 299], [129, 260, 300]])
+@pytest.mark.parametrize("rb", [1, 3])
+def test_pack_block_grids_kernel_matches_the_loop(offs, rb):
+    """The packing kernel the CUDA path uses (interpreter here) against the host loop, and both
+    against the groups' tiles: group g's tiles at [RB, ld_g] after the earlier groups' grids,
+    padding slots 1."""
+    o = torch.tensor(offs, dtype=torch.int32)
+    bounds = CB._host_bounds(o, P)
+    tiles = [-(-(e - s) // TILE) for s, e in bounds]
+    T = GR.max_tiles(P, o.numel())
+    s = torch.rand(rb, T) + 0.5
+    buf = CB.pack_block_grids(s, o, P, tiles)
+    start, t0 = 0, 0
+    for t in tiles:
+        ld = -(-t // LT.GRID_LD) * LT.GRID_LD
+        grid = buf[start:start + rb * ld].view(rb, ld)
+        assert torch.equal(grid[:, :t], s[:, t0:t0 + t]) and (grid[:, t:] == 1).all()
+        start, t0 = start + rb * ld, t0 + t
+    if start:
+        kbuf = torch.full((start,), -1.0)
+        CB._pack_grids_kernel[(o.numel(), -(-rb // CB._GRID_ROWS))](
+            s, o, kbuf, o.numel(), P, rb, s.stride(0), TILE_=TILE, LD_=LT.GRID_LD,
+            BLOCK_R=CB._GRID_ROWS, BLOCK_J=CB._GRID_COLS, G_BLOCK=group_block(o.numel()))
+        assert torch.equal(kbuf, buf[:start])
+
+
+def test_wgrad_block_scales_checked():
+    offs = torch.tensor([100, 300], dtype=torch.int32)
+    aq, as_rows, as_blk = block_operand(200, offs, 71)
+    bq, bs_rows, bs_blk = block_operand(256, offs, 72)
+    ops = torch.ops.fp8flow
+    assert torch.equal(ops.grouped_gemm_fp8_wgrad(aq, as_blk, bq, bs_blk, offs, F32),
+                       ops.grouped_gemm_fp8_wgrad(aq, as_rows, bq, bs_rows, offs, F32))
+    torch.library.opcheck(ops.grouped_gemm_fp8_wgrad, (aq, as_blk, bq, bs_blk, offs, F32),
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    for bad in (bs_rows[:5].contiguous(), bs_blk[:1].contiguous(), bs_rows[:, :2].contiguous()):
+        with pytest.raises(Fp8Unsupported, match=r"\(256, 5\).*\(2, 5\)"):
+            ops.grouped_gemm_fp8_wgrad(aq, as_rows, bq, bad, offs, F32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sizes", ["random", "small_and_unaligned", "balanced"])
+def test_gpu_cublas_wgrad_block_scales_give_the_same_bits(sizes):
+    """On cuBLAS: the pair 1x128 x 128x128 (either operand in blocks) against 1x128 x 1x128 on
+    the same scales, grouped (aligned layout, as the flow runs it) and dense: the same bits,
+    and within the float64 bound."""
+    if CB.gemm_backend() == "triton":
+        pytest.skip("FP8FLOW_GEMM=triton")
+    Pg, E = 4096, 8
+    if sizes == "random":
+        offs = _gpu_offs(Pg, E)
+    elif sizes == "balanced":
+        offs = torch.arange(1, E + 1, dtype=torch.int32) * (Pg // E)
+    else:
+        offs = torch.tensor([1, 17, 20, 56, 56, 95, 130, 3000], dtype=torch.int32)
+    pa = GR.pad_offsets(offs, 16)
+    dy, x = rnd((Pg, 1024), 73), rnd((Pg, 768), 74)
+    qa, sa = Q.quantize_1x128_ref(dy)
+    qb, sb = Q.quantize_1x128_ref(x)
+    cu = lambda *ts: [t.cuda() for t in ts]  # noqa: E731
+    ops = torch.ops.fp8flow
+    aT, saT = ops.scaling_aware_transpose(*cu(qa, sa, offs), 16)
+    bT, sbT = ops.scaling_aware_transpose(*cu(qb, sb, offs), 16)
+    pa = pa.cuda()
+    sa_blk, sb_blk = saT[::TILE].contiguous(), sbT[::TILE].contiguous()
+    assert torch.equal(expand_block_scales(sb_blk, 768), sbT)
+    for kind in ("wgrad_a", "wgrad_b"):
+        assert LT.probe(0, kind, F32) is None, LT.probe(0, kind, F32)
+    for out_dtype in (F32, BF16):
+        ref = ops.grouped_gemm_fp8_wgrad(aT, saT, bT, sbT, pa, out_dtype)
+        for a_s, b_s in [(saT, sb_blk), (sa_blk, sbT), (sa_blk, sb_blk)]:
+            assert torch.equal(ops.grouped_gemm_fp8_wgrad(aT, a_s, bT, b_s, pa, out_dtype), ref)
+    a64, b64 = deq_rows(aT.cpu(), saT.cpu(), pa.cpu()), deq_rows(bT.cpu(), sbT.cpu(), pa.cpu())
+    check_wgrad_gpu((ref,), a64, b64, pa.cpu())
+    # dense: 2000 tokens (16 tiles, a partial last one) and 1040 (9 tiles: the grid padded)
+    for n in (2000, 1040):
+        qa, sa = Q.quantize_1x128_ref(dy[:n])
+        qb, sb = Q.quantize_1x128_ref(x[:n])
+        aT, saT = ops.scaling_aware_transpose(*cu(qa, sa), None)
+        bT, sbT = ops.scaling_aware_transpose(*cu(qb, sb), None)
+        ref = ops.gemm_fp8_wgrad(aT, saT, bT, sbT, F32)
+        assert torch.equal(ops.gemm_fp8_wgrad(aT, saT, bT, sbT[::TILE].contiguous(), F32), ref)
+        assert torch.equal(ops.gemm_fp8_wgrad(aT, saT[::TILE].contiguous(), bT, sbT, F32), ref)

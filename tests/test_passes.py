@@ -294,3 +294,44 @@ def test_save_keeps_the_swiglu_input_in_fp8(moe_setup):  # noqa: F811  (the impo
     assert not torch.equal(g["w13"], g0["w13"])  # the backward really read the FP8 copy
     for got, want in ((dx, dx32), (g["w13"], g32["w13"]), (g["w2"], g32["w2"])):
         assert rel(got, want) < FP8_REL
+
+
+def test_block_scales_hand_the_wgrads_the_transposes_scales_in_blocks(moe_joint, monkeypatch):
+    """After the flow, every wgrad reads the b scales of a transpose in the 128x128-block form
+    (every 128th row, one copy per transpose); `block_scales=False` keeps the per-row form.
+    Compiled by Inductor both ways, the step's outputs and gradients are the same bits."""
+    from fp8flow_compile.passes import FLOW, block_scales
+    gm, ctx = upto(*moe_joint, find_gemms, insert_qdq, dedupe, *FLOW)
+    wgrads = [n for n in gm.graph.nodes if n.target is ops.grouped_gemm_fp8_wgrad.default]
+    assert len(wgrads) == 2
+    for w in wgrads:
+        names = [a.name for a in w.target._schema.arguments]
+        given = dict(zip(names, w.args))
+        blk = given["b_s"]
+        # a contiguous copy of the slice, unless it has one row (then it is contiguous)
+        sl = blk.args[0] if blk.target is aten.clone.default else blk
+        assert sl.target is aten.slice.Tensor and sl.args[1:] == (0, 0, 2**63 - 1, 128)
+        assert sl.args[0].args[0].target is ops.scaling_aware_transpose.default
+        rows = given["b_q"].meta["val"].shape[0]
+        assert tuple(blk.meta["val"].shape) == (rows // 128, sl.args[0].meta["val"].shape[1])
+        # a's scales stay per row: cuBLAS takes one operand in blocks
+        assert given["a_s"].args[0].target is ops.scaling_aware_transpose.default
+    assert sum(line.startswith("block_scales:") for line in ctx.log) == 2
+    assert aten.clone.default in [w.args[3].target for w in wgrads]  # H = 256: two blocks
+    off, octx = upto(*moe_joint, find_gemms, insert_qdq, dedupe, *FLOW[:-1])
+    block_scales.run(off, dataclasses.replace(octx, options={"block_scales": False}))
+    assert aten.slice.Tensor not in targets(off)
+
+    torch.manual_seed(0)
+    m = MoE(256, 128, 4, 2)
+    x = torch.randn(48, 256, dtype=torch.bfloat16)
+    gy = torch.randn(48, 256, dtype=torch.bfloat16)
+    outs = []
+    for on in (True, False):
+        xr = x.clone().requires_grad_(True)
+        mm = copy.deepcopy(m)
+        y = compiled(mm, inner="inductor", block_scales=on)(xr)
+        y.backward(gy)
+        outs.append((y, xr.grad, mm.w13.grad, mm.w2.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

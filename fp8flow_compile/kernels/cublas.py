@@ -65,6 +65,7 @@ import triton.language as tl
 
 from ..recipe import TILE
 from . import cublaslt
+from .common import expand_block_scales, is_block_scaled
 from .groups import cdiv
 
 log = logging.getLogger("fp8flow_compile")
@@ -141,13 +142,46 @@ def dense_wgrad(a_q: torch.Tensor, a_s_cm: torch.Tensor, b_q: torch.Tensor,
 
 def _dense(kind: str, device: torch.device, out_dtype: torch.dtype) -> Callable:
     """The dense call for the loop: straight into cuBLASLt (cublaslt.py, less host time per
-    call) where enabled and its probe passes on the device, else through torch."""
+    call) where enabled and its probe passes on the device, else through torch. The wgrad
+    kinds with an operand in 128x128 blocks (wgrad_a, wgrad_b) go through cuBLASLt only: their
+    torch fallback is the per-row call, on scales expanded first (`_wgrad_kind`)."""
     if device.type == "cuda" and cublaslt.enabled():
         why = cublaslt.probe(device.index or 0, kind, out_dtype)
         if why is None:
             return cublaslt.Caller(device, kind, out_dtype)
         _warn_lt_once(kind, out_dtype, why)
     return dense_fwd if kind == "fwd" else dense_wgrad
+
+
+def _wgrad_kind(a_s, N, b_s, K, dense, device, out_dtype):
+    """(kind, a_s, b_s, dense) for a wgrad whose scales may be in 128x128 blocks: cuBLAS takes
+    one operand in blocks (b's if both are: a's are expanded to rows); the block form runs only
+    where `dense` is a cuBLASLt caller of that kind, else both are expanded to rows for the
+    per-row call."""
+    if is_block_scaled(a_s, N) and is_block_scaled(b_s, K):
+        a_s = expand_block_scales(a_s, N)
+    kind = "wgrad_a" if is_block_scaled(a_s, N) else "wgrad_b" if is_block_scaled(b_s, K) \
+        else "wgrad"
+    if dense is None:
+        dense = _dense(kind, device, out_dtype)
+    if kind != "wgrad" and getattr(dense, "kind", None) != kind:
+        a_s, b_s = expand_block_scales(a_s, N), expand_block_scales(b_s, K)
+        if isinstance(dense, cublaslt.Caller):
+            dense = _dense("wgrad", device, out_dtype)
+        kind = "wgrad"
+    return kind, a_s, b_s, dense
+
+
+def block_grid(s: torch.Tensor) -> torch.Tensor:
+    """128x128 block scales [RB, T] as one cuBLAS call reads them: row-major, the row stride T
+    rounded up to cublaslt.GRID_LD (the extra slots hold 1)."""
+    RB, T = s.shape
+    ld = cdiv(T, cublaslt.GRID_LD) * cublaslt.GRID_LD
+    if ld == T and s.is_contiguous():
+        return s
+    out = s.new_ones(RB, ld)
+    out[:, :T] = s
+    return out
 
 
 @functools.cache
@@ -232,12 +266,23 @@ def gemm_fwd(a_q, a_s, b_q, b_s, out_dtype, dense: Callable | None = None):
 
 
 def gemm_wgrad(a_q, a_s, b_q, b_s, out_dtype, dense: Callable | None = None):
-    """a [N, P] @ b [K, P]^T, 1x128 scales along P (a multiple of ALIGN)."""
-    dense = dense or _dense("wgrad", a_q.device, out_dtype)
-    out = torch.empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
+    """a [N, P] @ b [K, P]^T, 1x128 scales along P (a multiple of ALIGN); either operand's
+    scales may be in 128x128 blocks ([cdiv(rows, 128), T])."""
+    N, K = a_q.shape[0], b_q.shape[0]
+    out = torch.empty(N, K, dtype=out_dtype, device=a_q.device)
     if a_q.shape[1] == 0:
         return out.zero_()
-    dense(a_q, col_major(a_s), b_q, col_major(b_s), out)
+    kind, a_s, b_s, dense = _wgrad_kind(a_s, N, b_s, K, dense, a_q.device, out_dtype)
+    sa = block_grid(a_s) if kind == "wgrad_a" else col_major(a_s)
+    sb = block_grid(b_s) if kind == "wgrad_b" else col_major(b_s)
+    try:
+        dense(a_q, sa, b_q, sb, out)
+    except cublaslt.CublasLtError as e:
+        if kind == "wgrad":
+            raise
+        _warn_lt_once(kind, out_dtype, str(e))  # again per row, through torch
+        dense_wgrad(a_q, col_major(expand_block_scales(a_s, N)), b_q,
+                    col_major(expand_block_scales(b_s, K)), out)
     return out
 
 
@@ -400,30 +445,115 @@ def _grouped_fwd_direct(dense, a_q, a_s, b_q, b_s, offs, bounds, rows, out):
 def grouped_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable | None = None,
                   offs_host: torch.Tensor | None = None):
     """dW[g] = a[:, group g] @ b[:, group g]^T from the column-wise forms (token tiles restart
-    at each group start, see kernels.groups); empty groups give zeros."""
+    at each group start, see kernels.groups); empty groups give zeros. Either operand's scales
+    may be in 128x128 blocks ([cdiv(rows, 128), T]): cuBLAS then runs the pair 1x128 x 128x128,
+    faster than 1x128 x 1x128 (cublaslt.MODES), on the same values."""
     N, P = a_q.shape
     K = b_q.shape[0]
     bounds = _host_bounds(offs, P, offs_host)
     out = torch.empty(len(bounds), N, K, dtype=out_dtype, device=a_q.device)
     sizes = [e - s for s, e in bounds]
     tiles = [cdiv(n, TILE) for n in sizes]
-    used, nt = bounds[-1][1], sum(tiles)
-    # One transposed copy of each scale tensor: a group's tiles are then a column range of the
-    # (N, T) view with strides (1, N), the packed column-major form cuBLAS takes.
-    sa = a_s.t().contiguous().t()[:, :nt].split(tiles, dim=1)
-    sb = b_s.t().contiguous().t()[:, :nt].split(tiles, dim=1)
+    used = bounds[-1][1]
     a_g = a_q[:, :used].split(sizes, dim=1)
     b_g = b_q[:, :used].split(sizes, dim=1)
     o_g = out.unbind(0)
-    dense = dense or _dense("wgrad", a_q.device, out_dtype)
+    kind, a_s, b_s, dense = _wgrad_kind(a_s, N, b_s, K, dense, a_q.device, out_dtype)
+    sa = _wgrad_group_scales(a_s, offs, P, tiles, kind == "wgrad_a")
+    sb = _wgrad_group_scales(b_s, offs, P, tiles, kind == "wgrad_b")
     direct = isinstance(dense, cublaslt.Caller) and a_q.stride(1) == 1 and b_q.stride(1) == 1
     try:
         return _grouped_wgrad_loop(a_g, sa, b_g, sb, o_g, bounds, sizes, dense, direct, a_q, b_q,
                                    out)
     except cublaslt.CublasLtError as e:  # every group is written again through torch
-        _warn_lt_once("wgrad", out_dtype, str(e))
+        _warn_lt_once(kind, out_dtype, str(e))
+        if kind != "wgrad":
+            sa = _wgrad_group_scales(expand_block_scales(a_s, N), offs, P, tiles, False)
+            sb = _wgrad_group_scales(expand_block_scales(b_s, K), offs, P, tiles, False)
         return _grouped_wgrad_loop(a_g, sa, b_g, sb, o_g, bounds, sizes, dense_wgrad, False,
                                    a_q, b_q, out)
+
+
+def _wgrad_group_scales(s: torch.Tensor, offs: torch.Tensor, P: int, tiles: list[int],
+                        blocks: bool) -> list[torch.Tensor]:
+    """Each group's scales as its cuBLAS call reads them. Per row: one transposed copy of the
+    whole tensor, a group's tiles then being a column range of the (rows, T) view with strides
+    (1, rows), the packed column-major form. In 128x128 blocks: each group's
+    [RB, tiles rounded up to GRID_LD] grid, packed one after another by one kernel
+    (`pack_block_grids`)."""
+    if not blocks:
+        return list(s.t().contiguous().t()[:, :sum(tiles)].split(tiles, dim=1))
+    RB = s.shape[0]
+    lds = [cdiv(t, cublaslt.GRID_LD) * cublaslt.GRID_LD for t in tiles]
+    buf = pack_block_grids(s, offs, P, tiles)
+    out, start = [], 0
+    for ld in lds:
+        out.append(buf[start:start + RB * ld].view(RB, ld))
+        start += RB * ld
+    return out
+
+
+_GRID_ROWS, _GRID_COLS = 16, 32
+
+
+def pack_block_grids(s: torch.Tensor, offs: torch.Tensor, P: int, tiles: list[int]
+                     ) -> torch.Tensor:
+    """The 128x128 block scales s [RB, T] of a grouped wgrad operand as one grid per group,
+    back to back: group g's [RB, ld_g] row-major block (ld_g = tiles[g] rounded up to
+    cublaslt.GRID_LD, the extra slots 1) holds its token tiles, which start after the earlier
+    groups' tiles (kernels.groups). `tiles` comes from the group bounds on the host; the CUDA
+    kernel rebuilds them from offs on the device, as `_host_bounds` makes them."""
+    RB = s.shape[0]
+    lds = [cdiv(t, cublaslt.GRID_LD) * cublaslt.GRID_LD for t in tiles]
+    total = RB * sum(lds)
+    buf = s.new_empty(max(total, 1))
+    if not total:
+        return buf
+    if s.is_cuda:
+        G = offs.numel()
+        _pack_grids_kernel[(G, cdiv(RB, _GRID_ROWS))](
+            s, offs, buf, G, P, RB, s.stride(0), TILE_=TILE, LD_=cublaslt.GRID_LD,
+            BLOCK_R=_GRID_ROWS, BLOCK_J=_GRID_COLS, G_BLOCK=triton.next_power_of_2(G))
+        return buf
+    start, t0 = 0, 0
+    for t, ld in zip(tiles, lds):
+        grid = buf[start:start + RB * ld].view(RB, ld)
+        grid.fill_(1.0)
+        grid[:, :t] = s[:, t0:t0 + t]
+        start, t0 = start + RB * ld, t0 + t
+    return buf
+
+
+@triton.jit
+def _pack_grids_kernel(s_ptr, offs_ptr, buf_ptr, G, P, RB, stride_s, TILE_: tl.constexpr,
+                       LD_: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+                       G_BLOCK: tl.constexpr):
+    # Program (g, row block): group g's tiles [t0, t0 + n) of rows r go to buf[base + r * ld + j]
+    # (j < n), slots n <= j < ld get 1; group bounds from offs made non-decreasing and clamped
+    # to P, as _host_bounds makes them.
+    g = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    gi = tl.arange(0, G_BLOCK)
+    live = gi < G
+    ends = tl.minimum(tl.associative_scan(
+        tl.maximum(tl.load(offs_ptr + gi, mask=live, other=0), 0), 0, _max2), P)
+    prev = tl.minimum(tl.associative_scan(tl.maximum(
+        tl.load(offs_ptr + gi - 1, mask=(gi >= 1) & live, other=0), 0), 0, _max2), P)
+    tiles = tl.where(live, (ends - prev + TILE_ - 1) // TILE_, 0)
+    lds = (tiles + LD_ - 1) // LD_ * LD_
+    before = gi < g
+    t0 = tl.sum(tl.where(before, tiles, 0), 0)
+    base = RB * tl.sum(tl.where(before, lds, 0), 0)
+    n = tl.sum(tl.where(gi == g, tiles, 0), 0)
+    ld = tl.sum(tl.where(gi == g, lds, 0), 0)
+    rm = (r < RB)[:, None]
+    j0 = 0
+    while j0 < ld:
+        j = j0 + tl.arange(0, BLOCK_J)[None, :]
+        v = tl.load(s_ptr + r[:, None].to(tl.int64) * stride_s + t0 + j, mask=rm & (j < n),
+                    other=1.0)
+        tl.store(buf_ptr + base + r[:, None].to(tl.int64) * ld + j, v, mask=rm & (j < ld))
+        j0 += BLOCK_J
 
 
 def _grouped_wgrad_loop(a_g, sa, b_g, sb, o_g, bounds, sizes, dense, direct, a_q, b_q, out):

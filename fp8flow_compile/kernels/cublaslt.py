@@ -63,6 +63,17 @@ _PREF_MIN_ALIGNMENT_BYTES = (5, 6, 7, 8)  # of cuBLAS's A, B, C, D
 _STATUS_INVALID_VALUE, _STATUS_NOT_SUPPORTED = 7, 15
 #: Scaling modes by the fp8flow name of the layout.
 VEC128, BLK128 = 4, 5
+#: Scaling pair (ours a, ours b) per kind of call. fprop/dgrad: 1x128 activations times 128x128
+#: weight blocks. wgrad: both operands 1x128 along the tokens, or one of them (wgrad_a: a,
+#: wgrad_b: b) in 128x128 blocks, as the scaling-aware transpose's scales are. H100, cuBLAS 13.1,
+#: one DeepSeek-V3 FC1 wgrad group ([4096, 2048] x [7168, 2048]^T): 888 TFLOP/s with 1x128 x
+#: 1x128, 1073 with b in blocks, 1089 with a in blocks; the same bits (benchmarks/kernels.py
+#: `wgrad_blocks`).
+MODES = {"fwd": (VEC128, BLK128), "wgrad": (VEC128, VEC128), "wgrad_a": (BLK128, VEC128),
+         "wgrad_b": (VEC128, BLK128)}
+#: A call's 128x128 scale grid is [cdiv(rows, 128), cdiv(k, 128)] row-major with the row stride
+#: rounded up to a multiple of this (cuBLAS reads it so; found on the H100).
+GRID_LD = 4
 
 #: First cuBLASLt with the 1x128 / 128x128 scaling modes (CUDA 12.9).
 MIN_VERSION = 120900
@@ -321,8 +332,8 @@ class Caller:
         key = (device.index, kind, out_dtype)
         run = runners.get(key)
         if run is None:
-            modes = (VEC128, BLK128) if kind == "fwd" else (VEC128, VEC128)
-            run = runners[key] = _Runner(device, *modes, out_dtype, vary_m=kind == "fwd")
+            run = runners[key] = _Runner(device, *MODES[kind], out_dtype, vary_m=kind == "fwd")
+        self.kind = kind
         self.run = run
         stream = self.main = torch.cuda.current_stream(device)
         self.stream = stream.cuda_stream
@@ -412,18 +423,30 @@ def probe(device_index: int, kind: str, out_dtype: torch.dtype) -> str | None:
         def scales(*shape):
             return torch.exp2(torch.randint(-3, 4, shape, generator=g, device=dev).float())
 
-        a = rnd(m, kb * TILE).to(fp8)
+        if kind != "fwd":
+            m = n  # wgrad: two 128-row blocks on either side
+        a, b = rnd(m, kb * TILE).to(fp8), rnd(n, kb * TILE).to(fp8)
         a_s = col_major(scales(m, kb))
-        if kind == "fwd":
-            b, b_s = rnd(n, kb * TILE).to(fp8), scales(n // TILE, kb)
-            ref_fn = dense_fwd
-        else:
-            b, b_s = rnd(n, kb * TILE).to(fp8), col_major(scales(n, kb))
-            ref_fn = dense_wgrad
         ref = torch.empty(m, n, dtype=out_dtype, device=dev)
+        if kind == "fwd":
+            b_s = scales(n // TILE, kb)
+            dense_fwd(a, a_s, b, b_s, ref)
+            args = (a, a_s, b, b_s)
+        elif kind == "wgrad":
+            b_s = col_major(scales(n, kb))
+            dense_wgrad(a, a_s, b, b_s, ref)
+            args = (a, a_s, b, b_s)
+        else:  # one operand in 128x128 blocks, against torch's call with its scales per row
+            grid = scales(n // TILE, kb)  # kb is a multiple of GRID_LD: the grid needs no padding
+            rows = col_major(grid.repeat_interleave(TILE, 0))
+            if kind == "wgrad_a":
+                dense_wgrad(a, rows, b, a_s, ref)
+                args = (a, grid, b, a_s)
+            else:
+                dense_wgrad(a, a_s, b, rows, ref)
+                args = (a, a_s, b, grid)
         out = torch.full((m, n), float("nan"), dtype=out_dtype, device=dev)
-        ref_fn(a, a_s, b, b_s, ref)
-        Caller(dev, kind, out_dtype)(a, a_s, b, b_s, out)
+        Caller(dev, kind, out_dtype)(*args, out)
         torch.cuda.synchronize(dev)
         if not torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2):
             err = (out.float() - ref.float()).abs().max().item()

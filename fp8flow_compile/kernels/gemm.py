@@ -15,6 +15,12 @@ Operand forms (produced by kernels/quantize.py)
 - weight, 128x128 blocks: q [N, K] (or [E, N, K]), s [.., cdiv(N,128), cdiv(K,128)].
 - wgrad operands, column-wise 1x128 (tokens contiguous): qT [R, P], sT [R, T], token tiles
   restarting at each group start, T = max_tiles(P, E); slot -> rows as in groups.tile_bounds.
+  Either operand may give its scales in 128x128 blocks instead, sT [cdiv(R, 128), T]: one scale
+  per 128 rows of a token tile (row r reads block r // 128). The scaling-aware transpose's scales
+  are of that kind (constant over each 128-row block), and passes/block_scales.py hands them to
+  the wgrad in this form: cuBLAS then runs the wgrad with the scaling pair of the fprop
+  (1x128 x 128x128), at that pair's rate rather than the 1x128 x 1x128 pair's (kernels/cublas.py).
+  The result is the same: the form only says which scales are equal.
 
 Ops
 ---
@@ -27,6 +33,7 @@ Ops
     rows of group g (offs as in torch._grouped_mm) use expert g's weight; rows past offs[-1]
     belong to no group and get zeros.
 - gemm_fp8_wgrad(a_q [N, P], a_s [N, T], b_q [K, P], b_s [K, T], out_dtype) -> [N, K]
+    (a_s or b_s may be in the block form above)
 - grouped_gemm_fp8_wgrad(.., offs, out_dtype) -> [E, N, K]: dW_g = dY_g^T X_g over the tokens of
     group g, one K step per token tile of the group (the last one partial, masked). Empty groups
     give zeros.
@@ -58,7 +65,7 @@ from ..errors import require, require_dtype
 from ..recipe import TILE
 from . import cublas
 from . import fp8_math as fm
-from .common import FP8, use_triton
+from .common import FP8, expand_block_scales, use_triton
 from .groups import cdiv, group_block, group_slot, group_span, max_tiles
 from .quantize import dequantize_1x128_ref, dequantize_128x128_ref
 
@@ -136,6 +143,7 @@ def grouped_gemm_fp8_ref(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor
 
 def gemm_fp8_wgrad_ref(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor,
                        b_s: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    a_s, b_s = expand_block_scales(a_s, a_q.shape[0]), expand_block_scales(b_s, b_q.shape[0])
     a = dequantize_1x128_ref(a_q, a_s, None, torch.float32)
     b = dequantize_1x128_ref(b_q, b_s, None, torch.float32)
     return (a @ b.t()).to(out_dtype)
@@ -144,6 +152,7 @@ def gemm_fp8_wgrad_ref(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor,
 def grouped_gemm_fp8_wgrad_ref(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor,
                                b_s: torch.Tensor, offs: torch.Tensor,
                                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    a_s, b_s = expand_block_scales(a_s, a_q.shape[0]), expand_block_scales(b_s, b_q.shape[0])
     a = dequantize_1x128_ref(a_q, a_s, offs, torch.float32)
     b = dequantize_1x128_ref(b_q, b_s, offs, torch.float32)
     out = torch.zeros(offs.numel(), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
@@ -465,6 +474,9 @@ def _launch_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, config):
     config.check()
     N, P = a_q.shape
     K = b_q.shape[0]
+    # Block-form scales read per row: a copy of R x T scales, small beside the GEMM (the
+    # cuBLAS path takes the block form as it is).
+    a_s, b_s = expand_block_scales(a_s, N), expand_block_scales(b_s, K)
     E = 1 if offs is None else offs.numel()
     out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
     if N == 0 or K == 0 or E == 0:
@@ -554,8 +566,12 @@ def _check_wgrad(a_q, a_s, b_q, b_s, offs, out_dtype, op):
             f"a [N, P] and b [K, P] must share the token dim, got {a_q.shape[1]} and "
             f"{b_q.shape[1]}")
     T = max_tiles(P, None if offs is None else offs.numel())
-    _check_fp8_2d(a_q, a_s, op, "a", (a_q.shape[0], T))
-    _check_fp8_2d(b_q, b_s, op, "b", (b_q.shape[0], T))
+    for name, q, s in (("a", a_q, a_s), ("b", b_q, b_s)):
+        rows, blocks = q.shape[0], cdiv(q.shape[0], TILE)
+        require(tuple(s.shape) in ((rows, T), (blocks, T)), op,
+                f"{name} scales must have shape {(rows, T)} (one row per row of {name}) or "
+                f"{(blocks, T)} ({TILE}x{TILE} blocks), got {tuple(s.shape)}")
+        _check_fp8_2d(q, s, op, name, s.shape)
     _check_out_dtype(out_dtype, op)
 
 
@@ -650,7 +666,8 @@ def _(a_q, a_s, b_q, b_s, offs, trans_b=True, out_dtype=torch.bfloat16, offs_hos
 def gemm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense weight gradient dW [N, K] = dY^T X from the column-wise forms
-    a = (dY^T [N, P], [N, cdiv(P,128)]) and b = (X^T [K, P], [K, cdiv(P,128)])."""
+    a = (dY^T [N, P], [N, cdiv(P,128)]) and b = (X^T [K, P], [K, cdiv(P,128)]); either scale
+    tensor may be in the 128x128-block form [cdiv(rows, 128), cdiv(P, 128)]."""
     op = "gemm_fp8_wgrad"
     _check_wgrad(a_q, a_s, b_q, b_s, None, out_dtype, op)
     _check_same_device(op, a_q, a_s, b_q, b_s)
@@ -673,7 +690,8 @@ def grouped_gemm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tens
                            offs_host: torch.Tensor | None = None) -> torch.Tensor:
     """Per-expert weight gradients dW [E, N, K], dW_g = dY_g^T X_g over the tokens of group g,
     from the column-wise forms with token tiles restarting at each group start
-    (scales [.., max_tiles(P, E)]). Empty groups give zeros. offs_host as in grouped_gemm_fp8."""
+    (scales [rows, max_tiles(P, E)], or [cdiv(rows, 128), max_tiles(P, E)] in the 128x128-block
+    form). Empty groups give zeros. offs_host as in grouped_gemm_fp8."""
     op = "grouped_gemm_fp8_wgrad"
     require(offs.dim() == 1 and offs.numel() >= 1, op, "offs must be a non-empty 1-D tensor")
     _check_offs(offs, offs.numel(), op)

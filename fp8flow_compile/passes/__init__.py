@@ -5,7 +5,8 @@ flow_reuse -> flow_hoist -> flow_fuse -> dedupe (counted again) -> flow_save (th
 the SwiGLU input in FP8) -> flow_combine (the MoE combine's scatter-adds, no casts involved) ->
 flow_probs (the routing weight moves into the SwiGLU; the FC2 output gradient is gathered in FP8) ->
 flow_gather (transposes of gathered rows read them through the gather's index) ->
-flow_recompute (the backward gathers FP8 rows again rather than keeping them); with the flow or
+flow_recompute (the backward gathers FP8 rows again rather than keeping them) -> block_scales
+(the wgrads read the transposes' scales as 128x128 blocks); with the flow or
 without, schedule (the forward issues the weight quantization while the host catches up), and
 with the option `cache_weights`, cache_weights last (weight GEMMs read FP8 weights kept across
 calls; after the cast counts, which still count the weight quantization).
@@ -18,6 +19,7 @@ import copy
 import torch.fx as fx
 
 from . import (
+    block_scales,
     cache_weights,
     count,
     dedupe,
@@ -36,7 +38,7 @@ from . import (
 from .graph import Ctx, backward_nodes
 
 FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_save, flow_combine, flow_probs,
-        flow_gather, flow_recompute)
+        flow_gather, flow_recompute, block_scales)
 
 
 def _phase_counts(gm: fx.GraphModule, bwd: set) -> dict[str, dict[str, int]]:
