@@ -19,7 +19,8 @@ Floors, measured in the same process on the same device:
   rows count once although the kernel reads each once per copy it makes (top-k copies), mostly
   from L2;
 - grouped GEMMs: their FLOPs at the rate of one dense cuBLAS GEMM of the same total size,
-  timed here: blockwise FP8 (1x128 x 128x128 for fprop/dgrad, 1x128 x 1x128 for wgrad) for
+  timed here: blockwise FP8 (1x128 x 128x128 for fprop/dgrad, and for a wgrad one of whose
+  operands has its scales in 128x128 blocks; 1x128 x 1x128 for other wgrads) for
   fp8flow, BF16 `torch.mm` for `aten::_grouped_mm`. The wgrad's FLOPs count the token columns
   of its aligned layout (the padding between groups included: 0.7% at DeepSeek-V3). This is
   a yardstick rather than a bound: cuBLAS picks its kernel per shape, and a grouped GEMM's
@@ -158,7 +159,11 @@ def gemm_problem(name: str, args: dict) -> tuple[str, int, int, int] | None:
         N = b[2] if b[1] == K and b[2] != K else b[1]
         return "fwd", M, N, K
     if name == "fp8flow::grouped_gemm_fp8_wgrad":
-        return "wgrad", a[0], b[0], a[1]
+        # 'wgrad_blk' where either operand's scales come in 128x128 blocks (fewer scale rows
+        # than rows): cuBLAS then runs the fprop's scaling pair (passes/block_scales.py)
+        blocks = any(len(ins) > i and ins[i][0] and ins[i][0][0] != rows
+                     for i, rows in ((1, a[0]), (3, b[0])))
+        return ("wgrad_blk" if blocks else "wgrad"), a[0], b[0], a[1]
     if name == "aten::_grouped_mm":
         if len(b) == 3:  # [P, K] x [E, K, N]
             return "bf16", a[0], b[2], a[1]
@@ -253,11 +258,15 @@ def dense_ms(kind: str, M: int, N: int, K: int, cache: dict) -> float:
         b = torch.randn(K, N, device=dev, dtype=torch.bfloat16)
         ms = bench_ms(lambda: a @ b)
     else:
-        aq, as_ = Q.quantize_1x128_triton(torch.randn(M, K, device=dev, dtype=torch.bfloat16))
-        wb = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
-        bq, bs = (Q.quantize_128x128_triton(wb) if kind == "fwd"
-                  else Q.quantize_1x128_triton(wb))
-        ms = bench_ms(lambda: cublas_blockwise(aq, as_, bq, bs, kind))
+        # wgrad_blk: the fprop's pair (1x128 x 128x128) over the tokens, which torch's call
+        # takes in multiples of 512: timed at K rounded up to that and scaled back
+        Kt = -(-K // 512) * 512 if kind == "wgrad_blk" else K
+        aq, as_ = Q.quantize_1x128_triton(torch.randn(M, Kt, device=dev, dtype=torch.bfloat16))
+        wb = torch.randn(N, Kt, device=dev, dtype=torch.bfloat16)
+        bq, bs = (Q.quantize_1x128_triton(wb) if kind == "wgrad"
+                  else Q.quantize_128x128_triton(wb))
+        pair = "wgrad" if kind == "wgrad" else "fwd"
+        ms = bench_ms(lambda: cublas_blockwise(aq, as_, bq, bs, pair)) * K / Kt
         del aq, as_, bq, bs, wb
     cache[key] = ms
     torch.cuda.empty_cache()

@@ -100,6 +100,11 @@ def test_gemm_problem_shapes():
     assert gemm_problem("fp8flow::grouped_gemm_fp8", fwd) == ("fwd", 512, 384, 256)
     wg = {"Input Dims": [[384, 520], [384, 8], [256, 520], [256, 8], [4]]}
     assert gemm_problem("fp8flow::grouped_gemm_fp8_wgrad", wg) == ("wgrad", 384, 256, 520)
+    for i in (1, 3):  # a's or b's scales in 128x128 blocks (passes/block_scales.py)
+        blk = {"Input Dims": [list(d) for d in wg["Input Dims"]]}
+        blk["Input Dims"][i][0] //= 128
+        assert gemm_problem("fp8flow::grouped_gemm_fp8_wgrad", blk) == \
+            ("wgrad_blk", 384, 256, 520)
     bf = {"Input Dims": [[512, 256], [4, 256, 384], [4]]}
     assert gemm_problem("aten::_grouped_mm", bf) == ("bf16", 512, 384, 256)
     bw = {"Input Dims": [[384, 512], [512, 256], [4]]}

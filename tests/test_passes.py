@@ -335,3 +335,21 @@ def test_block_scales_hand_the_wgrads_the_transposes_scales_in_blocks(moe_joint,
         outs.append((y, xr.grad, mm.w13.grad, mm.w2.grad))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_block_scales_reach_the_dense_wgrads_of_linear_layers():
+    """The same for dense layers (gemm_fp8_wgrad): both wgrads of the MLP read their b scales
+    in blocks, and the step's bits do not change."""
+    torch.manual_seed(0)
+    m = MLP()
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    outs = []
+    for on in (True, False):
+        mm, xr = copy.deepcopy(m), x.clone().requires_grad_(True)
+        compiled(mm, inner="inductor", block_scales=on)(xr).float().sum().backward()
+        outs.append([xr.grad, *(p.grad for p in mm.parameters())])
+        log = [line for r in ff.last_report().records for line in r.log]
+        assert sum(line.startswith("block_scales: gemm_fp8_wgrad") for line in log) == \
+            (2 if on else 0)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
