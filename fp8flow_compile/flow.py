@@ -7,8 +7,9 @@ forward  : x --quantize_1x128 (cast 1)--> permute_pad_fp8 --> grouped_gemm_fp8 (
            --> swiglu_quant_save (probs fused; also h in FP8) --> grouped_gemm_fp8 (FC2)
            --> unpermute (BF16)
 backward : dy --quantize_1x128 (cast 2)--> permute_pad_fp8 --> FC2 dgrad / wgrad
-           (wgrad operands from scaling_aware_transpose) --> swiglu_quant_backward (FP8 dh,
-           dprobs) --> FC1 dgrad / wgrad (transpose again) --> unpermute (BF16, sums the slots)
+           (wgrad operands from scaling_aware_transpose, b's scales as 128x128 blocks) -->
+           swiglu_quant_backward (FP8 dh, dprobs) --> FC1 dgrad / wgrad (transpose again)
+           --> unpermute (BF16, sums the slots)
 
 Saved for backward: the FP8 input (in token order: the FC1 wgrad transposes it through the
 gather's index, `scaling_aware_transpose(..., src_row)`) and the FP8 SwiGLU output with their
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import gemm, permute, quantize, swiglu, transpose  # noqa: F401  (registers ops)
-from .recipe import DEFAULT, Recipe
+from .recipe import DEFAULT, TILE, Recipe
 
 ops = torch.ops.fp8flow
 
@@ -62,17 +63,23 @@ class _MoEExpertsFlow(torch.autograd.Function):
         da = ops.grouped_gemm_fp8(dq_p, ds_p, w2qT, w2sT, offs_pad, True, x_dtype)
         dyT, dyT_s = ops.scaling_aware_transpose(dq_p, ds_p, offs_pad)
         aT, aT_s = ops.scaling_aware_transpose(aq, as_, offs_pad)
-        dw2 = ops.grouped_gemm_fp8_wgrad(dyT, dyT_s, aT, aT_s, offs_pad, torch.float32)
+        dw2 = ops.grouped_gemm_fp8_wgrad(dyT, dyT_s, aT, _blocks(aT_s), offs_pad, torch.float32)
         # SwiGLU backward emits FP8 dh (feeds FC1 dgrad) and the probs gradient.
         dhq, dhs, dprobs_p = ops.swiglu_quant_backward(da, hq, probs_p, hs)
         dx_p = ops.grouped_gemm_fp8(dhq, dhs, w13qT, w13sT, offs_pad, True, x_dtype)
         dhT, dhT_s = ops.scaling_aware_transpose(dhq, dhs, offs_pad)
         xT, xT_s = ops.scaling_aware_transpose(xq, xs, offs_pad, 1, src_row)
-        dw13 = ops.grouped_gemm_fp8_wgrad(dhT, dhT_s, xT, xT_s, offs_pad, torch.float32)
+        dw13 = ops.grouped_gemm_fp8_wgrad(dhT, dhT_s, xT, _blocks(xT_s), offs_pad, torch.float32)
         dx = ops.unpermute(dx_p, pos, None)
         safe = pos.clamp(min=0).long()
         dtopw = torch.where(pos >= 0, dprobs_p[safe], 0.0).to(w_dtype)
         return dx, dtopw, None, dw13.to(w13_dtype), dw2.to(w2_dtype), None
+
+
+def _blocks(sT: torch.Tensor) -> torch.Tensor:
+    """A transpose's scales as the 128x128 blocks they are (every 128th row), the form in which
+    cuBLAS runs the wgrad faster (passes/block_scales.py)."""
+    return sT[::TILE].contiguous()
 
 
 def moe_experts_fp8_flow(x: torch.Tensor, topw: torch.Tensor, topi: torch.Tensor,
@@ -106,7 +113,7 @@ class _LinearFlow(torch.autograd.Function):
         dx = ops.gemm_fp8(dq, ds, wqT, wsT, True, x_dtype)
         dyT, dyT_s = ops.scaling_aware_transpose(dq, ds, None)
         xT, xT_s = ops.scaling_aware_transpose(xq, xs, None)
-        dw = ops.gemm_fp8_wgrad(dyT, dyT_s, xT, xT_s, torch.float32)
+        dw = ops.gemm_fp8_wgrad(dyT, dyT_s, xT, _blocks(xT_s), torch.float32)
         return dx, dw.to(w_dtype)
 
 
