@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import bench_ms, env_line  # noqa: E402
+from fp8flow_compile.kernels import cublas as CB  # noqa: E402
 from fp8flow_compile.kernels import cublaslt as LT  # noqa: E402
 from fp8flow_compile.kernels import groups as GR  # noqa: E402
 from fp8flow_compile.recipe import TILE  # noqa: E402
@@ -74,6 +75,7 @@ def dense_rates(name, M, N, Pg, dev, gen, rows):
     cm = lambda s: s.t().contiguous().t()  # noqa: E731
     rows_a = cm(grid_a.repeat_interleave(TILE, 0)[:M])
     rows_b = cm(grid_b.repeat_interleave(TILE, 0)[:N])
+    grid_a, grid_b = CB.block_grid(grid_a), CB.block_grid(grid_b)  # the row stride cuBLAS reads
     flops = 2 * M * N * Pg
     outs, line = {}, [f"{name} one group [{M}, {Pg}] x [{N}, {Pg}]^T"]
     for kind, sa, sb in (("wgrad", rows_a, rows_b), ("wgrad_b", rows_a, grid_b),

@@ -1130,6 +1130,29 @@ def test_pack_block_grids_kernel_matches_the_loop(offs, rb):
         assert torch.equal(kbuf, buf[:start])
 
 
+def test_wgrad_kind_falls_back_to_the_direct_per_row_call(monkeypatch):
+    """Where the block kind's probe fails, the loop runs per row through the cuBLASLt caller
+    of the per-row kind (when that one's probe passes), not through torch."""
+    made = []
+
+    def fake_dense(kind, device, out_dtype):
+        made.append(kind)
+        return RawCaller(kind) if kind == "wgrad" else CB.dense_wgrad  # wgrad_b's probe failed
+
+    monkeypatch.setattr(CB, "_dense", fake_dense)
+    _, as_rows, _ = block_operand(160, None, 73, 208)
+    _, bs_rows, bs_blk = block_operand(64, None, 74, 208)
+    kind, a_s, b_s, dense = CB._wgrad_kind(as_rows, 160, bs_blk, 64, None, torch.device("cpu"),
+                                           F32)
+    assert made == ["wgrad_b", "wgrad"] and kind == "wgrad"
+    assert isinstance(dense, RawCaller) and dense.kind == "wgrad"
+    assert torch.equal(b_s, bs_rows) and a_s is as_rows
+    # a callable the caller chose stays: only its scales are expanded
+    kind, _, b_s, dense = CB._wgrad_kind(as_rows, 160, bs_blk, 64, strict_dense_wgrad,
+                                         torch.device("cpu"), F32)
+    assert (kind, dense) == ("wgrad", strict_dense_wgrad) and torch.equal(b_s, bs_rows)
+
+
 def test_wgrad_block_scales_checked():
     offs = torch.tensor([100, 300], dtype=torch.int32)
     aq, as_rows, as_blk = block_operand(200, offs, 71)
@@ -1152,6 +1175,15 @@ def test_gpu_cublas_wgrad_block_scales_give_the_same_bits(sizes):
     and within the float64 bound."""
     if CB.gemm_backend() == "triton":
         pytest.skip("FP8FLOW_GEMM=triton")
+    before = CB.gemm_backend()
+    CB.set_gemm_backend("cublas")  # these groups are below `auto`'s GROUP_WORK
+    try:
+        _gpu_block_scales_case(sizes)
+    finally:
+        CB.set_gemm_backend(before)
+
+
+def _gpu_block_scales_case(sizes):
     Pg, E = 4096, 8
     if sizes == "random":
         offs = _gpu_offs(Pg, E)

@@ -163,11 +163,13 @@ def _wgrad_kind(a_s, N, b_s, K, dense, device, out_dtype):
         a_s = expand_block_scales(a_s, N)
     kind = "wgrad_a" if is_block_scaled(a_s, N) else "wgrad_b" if is_block_scaled(b_s, K) \
         else "wgrad"
-    if dense is None:
+    auto = dense is None
+    if auto:
         dense = _dense(kind, device, out_dtype)
     if kind != "wgrad" and getattr(dense, "kind", None) != kind:
         a_s, b_s = expand_block_scales(a_s, N), expand_block_scales(b_s, K)
-        if isinstance(dense, cublaslt.Caller):
+        if auto or isinstance(dense, cublaslt.Caller):
+            # the per-row call of our choosing: cuBLASLt directly where its probe passes
             dense = _dense("wgrad", device, out_dtype)
         kind = "wgrad"
     return kind, a_s, b_s, dense

@@ -436,19 +436,35 @@ def probe(device_index: int, kind: str, out_dtype: torch.dtype) -> str | None:
             b_s = col_major(scales(n, kb))
             dense_wgrad(a, a_s, b, b_s, ref)
             args = (a, a_s, b, b_s)
-        else:  # one operand in 128x128 blocks, against torch's call with its scales per row
-            grid = scales(n // TILE, kb)  # kb is a multiple of GRID_LD: the grid needs no padding
-            rows = col_major(grid.repeat_interleave(TILE, 0))
+        else:
+            # One operand in 128x128 blocks against torch's call with its scales per row. The
+            # block operand has a partial last block (272 rows) and 5 token tiles, so its grid
+            # has padding slots (row stride GRID_LD * 2), filled with NaN: a call that read the
+            # grid with another row stride, or read the padding, gives NaN or wrong values.
+            kb, rows_blk, rows_other = K_BLOCKS + 1, 2 * TILE + ALIGN, 2 * TILE
+            blk = rnd(rows_blk, kb * TILE).to(fp8)
+            other = rnd(rows_other, kb * TILE).to(fp8)
+            other_s = col_major(scales(rows_other, kb))
+            grid = scales(-(-rows_blk // TILE), kb)
+            ld = -(-kb // GRID_LD) * GRID_LD
+            padded = torch.full((grid.shape[0], ld), float("nan"), device=dev)
+            padded[:, :kb] = grid
+            per_row = col_major(grid.repeat_interleave(TILE, 0)[:rows_blk])
             if kind == "wgrad_a":
-                dense_wgrad(a, rows, b, a_s, ref)
-                args = (a, grid, b, a_s)
+                a, b, m, n = blk, other, rows_blk, rows_other
+                ref = torch.empty(m, n, dtype=out_dtype, device=dev)
+                dense_wgrad(a, per_row, b, other_s, ref)
+                args = (a, padded, b, other_s)
             else:
-                dense_wgrad(a, a_s, b, rows, ref)
-                args = (a, a_s, b, grid)
+                a, b, m, n = other, blk, rows_other, rows_blk
+                ref = torch.empty(m, n, dtype=out_dtype, device=dev)
+                dense_wgrad(a, other_s, b, per_row, ref)
+                args = (a, other_s, b, padded)
         out = torch.full((m, n), float("nan"), dtype=out_dtype, device=dev)
         Caller(dev, kind, out_dtype)(*args, out)
         torch.cuda.synchronize(dev)
-        if not torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2):
+        if out.isnan().any() or not torch.allclose(out.float(), ref.float(), rtol=1e-2,
+                                                    atol=1e-2):
             err = (out.float() - ref.float()).abs().max().item()
             return f"the direct cuBLASLt call differs from torch's by up to {err:.3g}"
     except (OSError, AttributeError, KeyError, TypeError, ValueError, C.ArgumentError,
