@@ -30,6 +30,7 @@ from benchmarks.common import bench_ms, env_line  # noqa: E402
 from fp8flow_compile.kernels import cublas as CB  # noqa: E402
 from fp8flow_compile.kernels import cublaslt as LT  # noqa: E402
 from fp8flow_compile.kernels import groups as GR  # noqa: E402
+from fp8flow_compile.kernels.groups import cdiv  # noqa: E402
 from fp8flow_compile.recipe import TILE  # noqa: E402
 
 ops = torch.ops.fp8flow
@@ -37,10 +38,6 @@ ops = torch.ops.fp8flow
 SHAPES = {"dsv3": (8192, 7168, 2048, 32, 8), "mixtral": (8192, 4096, 14336, 8, 2)}
 ZIPF_S = 1.2
 LABEL = {"wgrad": "per row", "wgrad_b": "b blocks", "wgrad_a": "a blocks"}
-
-
-def cdiv(a, b):
-    return -(-a // b)
 
 
 def group_ends(P, E, routing, gen):

@@ -175,11 +175,16 @@ def _wgrad_kind(a_s, N, b_s, K, dense, device, out_dtype):
     return kind, a_s, b_s, dense
 
 
+def grid_ld(tiles: int) -> int:
+    """The row stride cuBLAS reads a 128x128 scale grid of `tiles` K blocks with."""
+    return cdiv(tiles, cublaslt.GRID_LD) * cublaslt.GRID_LD
+
+
 def block_grid(s: torch.Tensor) -> torch.Tensor:
     """128x128 block scales [RB, T] as one cuBLAS call reads them: row-major, the row stride T
     rounded up to cublaslt.GRID_LD (the extra slots hold 1)."""
     RB, T = s.shape
-    ld = cdiv(T, cublaslt.GRID_LD) * cublaslt.GRID_LD
+    ld = grid_ld(T)
     if ld == T and s.is_contiguous():
         return s
     out = s.new_ones(RB, ld)
@@ -349,17 +354,26 @@ def _max2(a, b):
 
 
 @triton.jit
+def _host_bounds_in_kernel(offs_ptr, G, length, G_BLOCK: tl.constexpr):
+    """(lanes, start, end) per group as _host_bounds makes them on the host: offs made
+    non-decreasing (a running max from 0) and clamped to [0, length]; lanes >= G are past the
+    last group."""
+    gi = tl.arange(0, G_BLOCK)
+    ends = tl.minimum(tl.associative_scan(
+        tl.maximum(tl.load(offs_ptr + gi, mask=gi < G, other=0), 0), 0, _max2), length)
+    prev = tl.minimum(tl.associative_scan(tl.maximum(
+        tl.load(offs_ptr + gi - 1, mask=(gi >= 1) & (gi < G), other=0), 0), 0, _max2), length)
+    return gi, prev, ends
+
+
+@triton.jit
 def _pack_scales_kernel(s_ptr, offs_ptr, buf_ptr, G, M, KB, total, ROW_ALIGN_: tl.constexpr,
                         BLOCK_R: tl.constexpr, G_BLOCK: tl.constexpr, KB_BLOCK: tl.constexpr):
     # Packed row p of group g (groups of r = size rounded up to ROW_ALIGN_ rows, from offs made
     # non-decreasing and clamped to M, as _host_bounds does) holds source row start_g + j,
     # j = p - pstart_g, and goes to buf[pstart_g*KB + kb*r_g + j]; source rows past M read 1.
     p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    gi = tl.arange(0, G_BLOCK)
-    o = tl.load(offs_ptr + gi, mask=gi < G, other=0)
-    ends = tl.minimum(tl.associative_scan(tl.maximum(o, 0), 0, _max2), M)
-    prev = tl.minimum(tl.associative_scan(tl.maximum(
-        tl.load(offs_ptr + gi - 1, mask=(gi >= 1) & (gi < G), other=0), 0), 0, _max2), M)
+    gi, prev, ends = _host_bounds_in_kernel(offs_ptr, G, M, G_BLOCK)
     r = tl.where(gi < G, (ends - prev + ROW_ALIGN_ - 1) // ROW_ALIGN_ * ROW_ALIGN_, 0)
     pends = tl.cumsum(r, 0)
     g = tl.sum((pends[None, :] <= p[:, None]).to(tl.int32), 1)
@@ -487,7 +501,7 @@ def _wgrad_group_scales(s: torch.Tensor, offs: torch.Tensor, P: int, tiles: list
     if not blocks:
         return list(s.t().contiguous().t()[:, :sum(tiles)].split(tiles, dim=1))
     RB = s.shape[0]
-    lds = [cdiv(t, cublaslt.GRID_LD) * cublaslt.GRID_LD for t in tiles]
+    lds = [grid_ld(t) for t in tiles]
     buf = pack_block_grids(s, offs, P, tiles)
     out, start = [], 0
     for ld in lds:
@@ -507,7 +521,7 @@ def pack_block_grids(s: torch.Tensor, offs: torch.Tensor, P: int, tiles: list[in
     groups' tiles (kernels.groups). `tiles` comes from the group bounds on the host; the CUDA
     kernel rebuilds them from offs on the device, as `_host_bounds` makes them."""
     RB = s.shape[0]
-    lds = [cdiv(t, cublaslt.GRID_LD) * cublaslt.GRID_LD for t in tiles]
+    lds = [grid_ld(t) for t in tiles]
     total = RB * sum(lds)
     buf = s.new_empty(max(total, 1))
     if not total:
@@ -536,13 +550,8 @@ def _pack_grids_kernel(s_ptr, offs_ptr, buf_ptr, G, P, RB, stride_s, TILE_: tl.c
     # to P, as _host_bounds makes them.
     g = tl.program_id(0)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    gi = tl.arange(0, G_BLOCK)
-    live = gi < G
-    ends = tl.minimum(tl.associative_scan(
-        tl.maximum(tl.load(offs_ptr + gi, mask=live, other=0), 0), 0, _max2), P)
-    prev = tl.minimum(tl.associative_scan(tl.maximum(
-        tl.load(offs_ptr + gi - 1, mask=(gi >= 1) & live, other=0), 0), 0, _max2), P)
-    tiles = tl.where(live, (ends - prev + TILE_ - 1) // TILE_, 0)
+    gi, prev, ends = _host_bounds_in_kernel(offs_ptr, G, P, G_BLOCK)
+    tiles = tl.where(gi < G, (ends - prev + TILE_ - 1) // TILE_, 0)
     lds = (tiles + LD_ - 1) // LD_ * LD_
     before = gi < g
     t0 = tl.sum(tl.where(before, tiles, 0), 0)

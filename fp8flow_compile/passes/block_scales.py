@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..recipe import TILE
-from .graph import Ctx, call, contiguous, finish, val
+from .graph import Ctx, call, contiguous, finish, given_args, set_arg, val
 
 ops = torch.ops.fp8flow
 aten = torch.ops.aten
@@ -39,14 +39,6 @@ def _transpose_scales(s) -> bool:
             and s.args[0].target is ops.scaling_aware_transpose.default)
 
 
-def _replace_arg(n: fx.Node, name: str, new: fx.Node) -> None:
-    if name in n.kwargs:
-        n.update_kwarg(name, new)
-        return
-    names = [a.name for a in n.target._schema.arguments]
-    n.update_arg(names.index(name), new)
-
-
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     if not ctx.options.get("block_scales", True):
         return gm
@@ -55,8 +47,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or n.target not in _WGRADS:
             continue
-        names = [a.name for a in n.target._schema.arguments]
-        given = {**dict(zip(names, n.args)), **n.kwargs}
+        given = given_args(n)
         for name in ("b_s", "a_s"):
             s = given.get(name)
             if not _transpose_scales(s):
@@ -69,7 +60,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                     sl = call(gm, aten.slice.Tensor, (s, 0, 0, _END, TILE))
                     blk = blocks[s] = contiguous(gm, sl)
                 blk.name = gm.graph._graph_namespace.create_name(f"{s.name}_blocks", None)
-            _replace_arg(n, name, blk)
+            set_arg(n, name, blk)
             changed = True
             rows = val(s).shape[0]
             ctx.log.append(f"block_scales: {n.name} reads {name} ({s.name}, {rows} rows) as "

@@ -24,16 +24,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph import Ctx, backward_nodes, call, finish
+from .graph import Ctx, backward_nodes, call, finish, given_args
 
 ops = torch.ops.fp8flow
 _GEMMS = (ops.gemm_fp8.default, ops.grouped_gemm_fp8.default)
-
-
-def _given(n: fx.Node) -> dict:
-    """The arguments of the call n as given, positional or keyword, by their schema names."""
-    names = [a.name for a in n.target._schema.arguments]
-    return {**dict(zip(names, n.args)), **n.kwargs}
 
 
 def _readers(q: fx.Node) -> list[tuple[fx.Node, bool, dict]] | None:
@@ -49,7 +43,7 @@ def _readers(q: fx.Node) -> list[tuple[fx.Node, bool, dict]] | None:
         for r in g.users:
             if r.target not in _GEMMS:
                 return None
-            given = _given(r)
+            given = given_args(r)
             pair = (index.get(given.get("b_q")), index.get(given.get("b_s")))
             if pair not in ((0, 1), (2, 3)):
                 return None

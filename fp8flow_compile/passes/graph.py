@@ -51,6 +51,20 @@ def call(gm: fx.GraphModule, target, args: tuple, kwargs: dict | None = None,
     return node
 
 
+def given_args(n: fx.Node) -> dict:
+    """The arguments of the op call n as given, positional or keyword, by their schema names."""
+    names = [a.name for a in n.target._schema.arguments]
+    return {**dict(zip(names, n.args)), **n.kwargs}
+
+
+def set_arg(n: fx.Node, name: str, value: Any) -> None:
+    """Replace the argument `name` of the op call n, where it was given (keyword or position)."""
+    if name in n.kwargs:
+        n.update_kwarg(name, value)
+    else:
+        n.update_arg([a.name for a in n.target._schema.arguments].index(name), value)
+
+
 def finish(gm: fx.GraphModule, dead_code: bool = False) -> None:
     """The end of a pass that changed the graph: optionally drop nodes nothing reads any more,
     check the graph, regenerate the module's code."""
