@@ -408,7 +408,8 @@ def probe(device_index: int, kind: str, out_dtype: torch.dtype) -> str | None:
     """None if a small GEMM of this kind through the direct call gives what the torch call
     gives on this device, else the reason (the loop then calls torch)."""
     from ..recipe import TILE
-    from .cublas import ALIGN, K_BLOCKS, col_major, dense_fwd, dense_wgrad
+    from .cublas import ALIGN, K_BLOCKS, col_major, dense_fwd, dense_wgrad, grid_ld
+    from .groups import cdiv
     dev = torch.device("cuda", device_index)
     try:
         if version() < MIN_VERSION:
@@ -445,8 +446,8 @@ def probe(device_index: int, kind: str, out_dtype: torch.dtype) -> str | None:
             blk = rnd(rows_blk, kb * TILE).to(fp8)
             other = rnd(rows_other, kb * TILE).to(fp8)
             other_s = col_major(scales(rows_other, kb))
-            grid = scales(-(-rows_blk // TILE), kb)
-            ld = -(-kb // GRID_LD) * GRID_LD
+            grid = scales(cdiv(rows_blk, TILE), kb)
+            ld = grid_ld(kb)
             padded = torch.full((grid.shape[0], ld), float("nan"), device=dev)
             padded[:, :kb] = grid
             per_row = col_major(grid.repeat_interleave(TILE, 0)[:rows_blk])

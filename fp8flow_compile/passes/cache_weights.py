@@ -64,8 +64,9 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         if q.op != "call_function" or q.target is not ops.quantize_128x128_dual.default:
             continue
         w = q.args[0]
-        name = ctx.params.get(getattr(w, "name", ""), (False, ""))[1] or str(w)
-        if not (w.op == "placeholder" and ctx.params.get(w.name, (False, ""))[0]):
+        is_param, pname = ctx.params.get(w.name, (False, ""))
+        name = pname or str(w)
+        if not (w.op == "placeholder" and is_param):
             ctx.log.append(f"cache_weights: {name} is not a parameter; quantized every call")
             continue
         readers = _readers(q)
@@ -104,4 +105,3 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                        f"parameter changes: {', '.join(done)}")
         finish(gm)
     return gm
-
