@@ -54,11 +54,12 @@ CALLS = 4  # calls between two events
 
 def sustained(fn, tel: Telemetry, block_s: float, settle_s: float) -> dict:
     """Back-to-back calls of fn for block_s seconds; the ones after settle_s are counted. The
-    host stays at most two groups ahead of the GPU, so the window's wall time is GPU time."""
+    host stays at most two groups ahead of the GPU, settling included, so the window's wall
+    time is GPU time and the settle part is settle_s of GPU time too."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    counted, start = [], None
+    ends, counted, start = [], [], None
     while True:
         now = time.perf_counter()
         if start is not None and now - t0 >= block_s:
@@ -72,14 +73,16 @@ def sustained(fn, tel: Telemetry, block_s: float, settle_s: float) -> dict:
         for _ in range(CALLS):
             fn()
         e.record()
+        ends.append(e)
         if start is not None:
             counted.append((s, e))
-        if len(counted) > 2:
-            counted[-3][1].synchronize()
+        if len(ends) > 2:
+            ends[-3].synchronize()
     torch.cuda.synchronize()
     t1 = time.perf_counter()
     out = {"ms": statistics.median(s.elapsed_time(e) for s, e in counted) / CALLS,
            "calls": CALLS * len(counted)}
+    out["samples"] = sum(start <= t <= t1 for t, _, _ in list(tel.samples))
     out.update(tel.window([(start, t1)]))  # sm_mhz, power_w (none if no sample fell inside)
     if "power_w" in out:
         out["mj_per_call"] = out["power_w"] * out["ms"]  # W x ms = mJ
