@@ -6,9 +6,8 @@ take alone at full clock. This benchmark runs each kind of work back to back for
 seconds (the first `--settle-s` not counted) and reports, per call: the median time (CUDA
 events over groups of calls), the medians of the SM clock and board power sampled every 20 ms
 through NVML, and the energy as that power times that time (in the steady state a sustained
-block reaches; NVML's total-energy counter moves in steps too coarse for these windows: on the
-H100 it read no change over 0.4 s of load). A kernel made faster at full clock shortens a
-power-bound step only if it also needs less energy.
+block reaches). A kernel made faster at full clock shortens a power-bound step only if it also
+needs less energy.
 
 Workloads at the DeepSeek-V3 shard's shapes (T tokens, hidden H, intermediate I, E experts,
 top-k; balanced routing, P = T*k rows in the aligned group layout):

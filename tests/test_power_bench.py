@@ -17,7 +17,7 @@ def test_needs_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_rows(tmp_path):
-    # 1.5 s counted per workload: on the H100 a 0.4 s window sometimes held no NVML sample
+    # 1.5 s counted per workload: about 70 NVML samples at one per 20 ms
     pytest.importorskip("pynvml")
     out = tmp_path / "power.jsonl"
     power.main(["--tokens", "512", "--hidden", "1024", "--inter", "512", "--experts", "4",
