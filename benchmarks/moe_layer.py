@@ -62,7 +62,8 @@ Per row (JSON keys in brackets):
   - "sequential" (`--sequential`): each variant alone, `--warmup` then `--reps` steps, after the
     previous one (the method before round m).
   [ms_all] every timed step, in order. [blocks] (sustained) per block: its median ms, steps
-  counted, and the medians of the SM clock and board power while they ran.
+  counted, and the medians of the SM clock and board power while they ran (and their sample
+  count).
 - [sm_mhz, power_w] (GPU, when NVML is importable as `pynvml`) medians of the SM clock and
   board power sampled every 20 ms while the row's steps were timed (interleaved: over the whole
   interleaved timing, which all variants of the case share).
@@ -701,6 +702,10 @@ class Telemetry:
         return {"sm_mhz": statistics.median(c for c, _ in got),
                 "power_w": round(statistics.median(p for _, p in got), 1)}
 
+    def count(self, spans: list[tuple[float, float]]) -> int:
+        """How many samples fell inside any of `spans` (the medians of `window` are over them)."""
+        return sum(any(a <= t <= b for a, b in spans) for t, _, _ in self.samples)
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -721,7 +726,7 @@ def sustained_ms(timed: list[Timed], dev, block_s: float, settle_s: float, round
     synchronises, and the GPU never waits on that check. Returns the step times, or the error
     of a variant whose step raised (dropped from later blocks), and per variant one dict per
     block: its median ms, counted steps and, with `telemetry`, the SM clock and power medians
-    while they ran."""
+    while they ran and how many samples those are."""
     out: dict[str, list[float] | str] = {}
     got: dict[str, list[float]] = {t.key: [] for t in timed}
     blocks: dict[str, list[dict]] = {t.key: [] for t in timed}
@@ -770,7 +775,8 @@ def sustained_ms(timed: list[Timed], dev, block_s: float, settle_s: float, round
             got[key] += times
             info = {"ms": statistics.median(times), "steps": len(times)}
             if telemetry is not None:
-                info.update(telemetry.window([(t0 + settle_s, t1)]))
+                span = [(t0 + settle_s, t1)]
+                info.update(telemetry.window(span), samples=telemetry.count(span))
             blocks[key].append(info)
     for key, v in got.items():
         if key not in out:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -40,7 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import env_line  # noqa: E402
-from benchmarks.moe_layer import Telemetry  # noqa: E402
+from benchmarks.moe_layer import Telemetry, Timed, sustained_ms  # noqa: E402
 from fp8flow_compile.kernels import cublas as CB  # noqa: E402
 from fp8flow_compile.kernels import permute as PM  # noqa: E402
 from fp8flow_compile.kernels.groups import pad_offsets  # noqa: E402
@@ -48,41 +47,25 @@ from fp8flow_compile.recipe import BLOCKWISE  # noqa: E402
 
 ops = torch.ops.fp8flow
 GA = BLOCKWISE.group_align
-CALLS = 4  # calls between two events
+CALLS = 4  # calls per timed step
 
 
 def sustained(fn, tel: Telemetry, block_s: float, settle_s: float) -> dict:
-    """Back-to-back calls of fn for block_s seconds; the ones after settle_s are counted. The
-    host stays at most two groups ahead of the GPU, settling included, so the window's wall
-    time is GPU time and the settle part is settle_s of GPU time too."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    ends, counted, start = [], [], None
-    while True:
-        now = time.perf_counter()
-        if start is not None and now - t0 >= block_s:
-            break
-        if start is None and now - t0 >= settle_s:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-        s = torch.cuda.Event(enable_timing=True)
-        e = torch.cuda.Event(enable_timing=True)
-        s.record()
+    """fn called back to back for block_s seconds, in steps of CALLS calls, through the layer
+    benchmark's sustained timing (`moe_layer.sustained_ms`: the host at most two steps ahead of
+    the GPU, the steps of the first settle_s seconds not counted); per call the median time and,
+    from the samples of the counted part, the SM clock, power and energy."""
+    def step():
         for _ in range(CALLS):
             fn()
-        e.record()
-        ends.append(e)
-        if start is not None:
-            counted.append((s, e))
-        if len(ends) > 2:
-            ends[-3].synchronize()
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    out = {"ms": statistics.median(s.elapsed_time(e) for s, e in counted) / CALLS,
-           "calls": CALLS * len(counted)}
-    out["samples"] = sum(start <= t <= t1 for t, _, _ in list(tel.samples))
-    out.update(tel.window([(start, t1)]))  # sm_mhz, power_w (none if no sample fell inside)
+
+    got, blocks = sustained_ms([Timed("w", step, lambda: None)], torch.device("cuda"), block_s,
+                               settle_s, 1, telemetry=tel)
+    if isinstance(got["w"], str):  # the error of a step that raised
+        raise RuntimeError(got["w"])
+    b = blocks["w"][0]
+    out = {"ms": b["ms"] / CALLS, "calls": CALLS * b["steps"], "samples": b["samples"]}
+    out.update({k: b[k] for k in ("sm_mhz", "power_w") if k in b})
     if "power_w" in out:
         out["mj_per_call"] = out["power_w"] * out["ms"]  # W x ms = mJ
     return out
@@ -189,6 +172,8 @@ def main(argv=None) -> None:
     for name, fn, work, unit in workloads(args.tokens, args.hidden, args.inter, args.experts,
                                           args.topk):
         try:
+            fn()  # first call (Triton's compile, cuBLAS's search) outside the timing
+            torch.cuda.synchronize()
             r = sustained(fn, tel, args.block_s, args.settle_s)
         except Exception as e:  # a workload this torch build cannot run: say so, go on
             print(f"  {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)

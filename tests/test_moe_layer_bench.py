@@ -137,6 +137,19 @@ def test_sustained_ms_drops_a_failing_variant_and_keeps_the_others():
     assert sum(1 for what, k in log if what == "step" and k == "bad") == 1
 
 
+def test_sustained_ms_reports_the_telemetry_of_the_counted_part_of_each_block():
+    log: list = []
+    clock = _Clock()
+    tel = Telemetry.__new__(Telemetry)  # no sampler thread: samples set by hand
+    # the block runs from 0 to 5 s on the stand-in clock; 2 s settle, so [2, 5] counts
+    tel.samples = [(1.0, 1980, 300.0), (2.5, 1500, 690.0), (3.5, 1400, 700.0),
+                   (4.5, 1450, 698.0), (6.0, 1000, 50.0)]
+    got, blocks = sustained_ms([_clocked("x", log, clock)], torch.device("cpu"), block_s=5,
+                               settle_s=2, rounds=1, clock=clock, telemetry=tel)
+    assert blocks["x"] == [{"ms": 1000.0, "steps": 3, "sm_mhz": 1450, "power_w": 698.0,
+                            "samples": 3}]
+
+
 def test_telemetry_window_takes_medians_inside_the_spans_only():
     tel = Telemetry.__new__(Telemetry)  # no sampler thread: samples set by hand
     tel.samples = [(0.5, 1980, 100.0), (1.5, 1500, 690.0), (2.5, 1400, 700.0),
@@ -144,6 +157,8 @@ def test_telemetry_window_takes_medians_inside_the_spans_only():
     assert tel.window([(1.0, 4.0)]) == {"sm_mhz": 1500, "power_w": 695.0}
     assert tel.window([(0.0, 1.0), (8.0, 10.0)]) == {"sm_mhz": 1490.0, "power_w": 75.0}
     assert tel.window([(4.0, 5.0)]) == {}
+    assert [tel.count(s) for s in ([(1.0, 4.0)], [(0.0, 1.0), (8.0, 10.0)], [(4.0, 5.0)])] == \
+        [3, 2, 0]
 
 
 def test_timing_options():
