@@ -611,3 +611,111 @@ def test_gpu_non_finite_inputs_quantize_by_the_recipe():
     assert not torch.isfinite(vb).all()
     qb1, sb1 = quantize_1x128_ref(vb)
     assert same_bytes(qb.cpu(), qb1) and torch.equal(sb.cpu(), sb1)
+
+
+# ---------------------------------------------------------------- gate and up as two tensors
+
+
+def halves(h):
+    N = h.shape[1] // 2
+    return h[:, :N].contiguous(), h[:, N:].contiguous()
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton", "op"])
+@pytest.mark.parametrize("kind, dtype, with_probs", BACKWARD_CASES)
+def test_gate_and_up_as_two_tensors_give_the_bytes_of_one_h(impl, kind, dtype, with_probs):
+    """Each element's SwiGLU reads one gate and one up value and no tile straddles the two, so
+    passing them as two tensors (up=) gives the one-tensor form's bytes, forward, forward with
+    h saved, and backward from high-precision or saved FP8 h; split puts d_gate and d_up in two
+    planes of the same bytes. The one-tensor form is checked against float64 above; the bound
+    is checked here again on the planes."""
+    P, N = 45, 384
+    h, probs, dy = backward_inputs(P, N, 70, kind, dtype, with_probs, pad=5)
+    gate, up = halves(h)
+    if impl == "ref":
+        fwd, save = S.swiglu_quant_ref, S.swiglu_quant_save_ref
+        bwd = S.swiglu_quant_backward_ref
+    elif impl == "triton":
+        fwd = S.swiglu_quant_triton
+        def save(h, p, up=None):
+            return S.swiglu_quant_triton(h, p, save_h=True, up=up)
+        def bwd(dy, h, p, hs=None, up=None, split=False):
+            return S.swiglu_quant_backward_triton(dy, h, p, hs, up=up, split=split)
+    else:
+        ops = torch.ops.fp8flow
+        fwd, save, bwd = ops.swiglu_quant, ops.swiglu_quant_save, ops.swiglu_quant_backward
+    q0, s0 = fwd(h, probs)
+    q1, s1 = fwd(gate, probs, up=up)
+    assert same_bytes(q0, q1) and torch.equal(s0, s1)
+    saved0, saved1 = save(h, probs), save(gate, probs, up=up)
+    for a, b in zip(saved0, saved1):
+        assert a.shape == b.shape
+        assert same_bytes(a, b) if a.dtype == FP8 else torch.equal(a, b)
+    hq, hs = saved1[2:]
+    dh64, dp64, dh_slack, _ = backward64(dy, h, probs)
+    for args in ((h, probs), (hq, probs, hs)):
+        dq0, ds0, dp0 = bwd(dy, *args)
+        for kw in (dict(split=True), dict(up=up, split=True), dict(up=up)):
+            if "up" in kw and len(args) == 3:
+                continue  # the saved copy is one [P, 2I] tensor
+            a = (gate, probs) if "up" in kw else args
+            dq, ds, dp = bwd(dy, *a, **kw)
+            if kw.get("split"):
+                assert dq.shape == (2, P, N) and ds.shape == (2, P, N // TILE)
+                assert dq.is_contiguous() and ds.is_contiguous()
+                dq, ds = torch.cat([dq[0], dq[1]], 1), torch.cat([ds[0], ds[1]], 1)
+            assert same_bytes(dq, dq0) and torch.equal(ds, ds0) and torch.equal(dp, dp0)
+    dq, ds, _ = bwd(dy, gate, probs, up=up, split=True)
+    for i in (0, 1):
+        check_fp8_bound(dq[i], ds[i], dh64[:, i * N:(i + 1) * N],
+                        dh_slack[:, i * N:(i + 1) * N])
+
+
+def test_two_tensor_custom_ops_fake():
+    P, N = 16, 256
+    gate, up = halves(make_h(P, N, 71, "heavy"))
+    probs, dy = make_probs(P, 72), make_dy(P, N, 73)
+    fake = ("test_faketensor", "test_autograd_registration")
+    ops = torch.ops.fp8flow
+    for p in (probs, None):
+        torch.library.opcheck(ops.swiglu_quant.default, (gate, p, up), test_utils=fake)
+        torch.library.opcheck(ops.swiglu_quant_save.default, (gate, p, up), test_utils=fake)
+        torch.library.opcheck(ops.swiglu_quant_backward.default, (dy, gate, p, None, up, True),
+                              test_utils=fake)
+        hq, hs = quantize_1x128_ref(torch.cat([gate, up], 1).float())
+        torch.library.opcheck(ops.swiglu_quant_backward.default, (dy, hq, p, hs, None, True),
+                              test_utils=fake)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: torch.ops.fp8flow.swiglu_quant(_h(4, 128), None, _h(4, 256)), "up must have"),
+    (lambda: torch.ops.fp8flow.swiglu_quant(_h(4, 96), None, _h(4, 96)), "multiple of 128"),
+    (lambda: torch.ops.fp8flow.swiglu_quant(_h(4, 128), None, _h(4, 128).to(FP8)), "dtype"),
+    (lambda: torch.ops.fp8flow.swiglu_quant(_h(4, 128), None, _h(128, 4).t()), "contiguous"),
+    (lambda: torch.ops.fp8flow.swiglu_quant_backward(_h(4, 256), _h(4, 128), None, None,
+                                                     _h(4, 128)), r"dy must have shape \(4, 128\)"),
+    (lambda: torch.ops.fp8flow.swiglu_quant_backward(_h(4, 128), _h(4, 128).to(FP8),
+                                                     None, torch.ones(4, 1), _h(4, 128)), "dtype"),
+])
+def test_two_tensor_bad_input_names_the_constraint(bad, match):
+    with pytest.raises(Fp8Unsupported, match=match):
+        bad()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, dtype, with_probs", BACKWARD_CASES)
+def test_gpu_gate_and_up_as_two_tensors(kind, dtype, with_probs):
+    P, N = 1000, 1024
+    h, probs, dy = backward_inputs(P, N, 74, kind, dtype, with_probs, pad=24)
+    h, dy = h.cuda(), dy.cuda()
+    pc = None if probs is None else probs.cuda()
+    gate, up = halves(h)
+    ops = torch.ops.fp8flow
+    for a, b in zip(ops.swiglu_quant_save(h, pc), ops.swiglu_quant_save(gate, pc, up=up)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    hq, hs = ops.swiglu_quant_save(h, pc)[2:]
+    for args, two in (((h, pc), (gate, pc, None, up)), ((hq, pc, hs), (hq, pc, hs))):
+        dq0, ds0, dp0 = ops.swiglu_quant_backward(dy, *args)
+        dq, ds, dp = ops.swiglu_quant_backward(dy, *two, split=True)
+        assert same_bytes(torch.cat([dq[0], dq[1]], 1), dq0)
+        assert torch.equal(torch.cat([ds[0], ds[1]], 1), ds0) and torch.equal(dp, dp0)
