@@ -111,16 +111,23 @@ def test_routed_input_moves_in_fp8():
     assert report.records[0].casts_after["forward"].get("permute_pad_fp8") == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "flow_fuse matches a SwiGLU only on the two halves of one GEMM output (h[:, :I], "
-    "h[:, I:]); torchtitan computes gate and up with two grouped GEMMs over separate w1 and w3, "
-    "so silu(gate) * up and its gradient keep explicit quantizations"))
-def test_swiglu_of_separate_gate_and_up_gemms_is_fused():
-    *_, report = compare("sigmoid_bias_shared")
+@pytest.mark.parametrize("case", CASES)
+def test_swiglu_of_separate_gate_and_up_gemms_is_fused(case):
+    # torchtitan computes gate and up with two grouped GEMMs over w1 and w3 (and the shared
+    # expert with two Linears): each SwiGLU is fused with its quantization, forward, and its
+    # gradient is one fused op whose two planes feed the two dgrads. What is left: the block
+    # input in forward, and in backward the output gradient of each branch (experts, shared
+    # expert).
+    *_, report = compare(case)
     after = report.records[0].casts_after
+    shared = CASES[case]["num_shared_experts"]
     fused = after["forward"].get("swiglu_quant", 0) + after["forward"].get("swiglu_quant_save", 0)
-    assert fused >= 1
-    assert after["backward"].get("swiglu_quant_backward", 0) >= 1
+    assert fused == 1 + shared, after
+    assert after["backward"].get("swiglu_quant_backward") == 1 + shared, after
+    assert after["forward"]["act"] == 1, after
+    assert after["backward"]["act"] == 1 + shared, after
+    log = report.records[0].log
+    assert sum("(split), plane" in line for line in log) == 2 * (1 + shared), log
 
 
 def test_expert_bias_steers_selection_but_not_gating_values():

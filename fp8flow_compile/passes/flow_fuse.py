@@ -8,6 +8,10 @@ the row-wise forms this pass replaces). Guarantees:
   SwiGLU output, one rounding from fp32 straight to E4M3;
 - backward: `quantize_1x128(cat([d_gate, d_up], -1))` where (d_gate, d_up) is the SwiGLU gradient
   of that h for an upstream gradient dA [P, I] becomes `swiglu_quant_backward(dA, h, probs)`;
+- gate and up from two GEMMs (torchtitan's w1 and w3, a dense MLP's gate_proj and up_proj):
+  `quantize_1x128(silu(gate) * up [* probs])` becomes `swiglu_quant(gate, probs, up)`, and the
+  row-wise quantizations of d_gate and d_up, each [P, I] for its own GEMM's dgrad, become the two
+  planes of one `swiglu_quant_backward(dA, gate, probs, None, up, split=True)`;
 - a column-wise quantization of either (left where no GEMM needs the row-wise form, e.g. the FC1
   wgrad when the input needs no gradient) becomes the scaling-aware transpose of the fused op's
   row-wise output.
@@ -15,13 +19,16 @@ the row-wise forms this pass replaces). Guarantees:
 How a SwiGLU is recognised: the quantized tensor's expression is followed back through elementwise
 ops (whatever the decomposition made of silu: `x / (1 + exp(-x))`, `x * sigmoid(x)`, dtype casts,
 either operand order) to its leaves. The leaves must be the two halves of one h (split / chunk /
-slicing of its last dim), plus, for the backward, one upstream gradient of shape [P, I], and
-optionally one per-row weight of shape [P, 1] or [P] (the routing probability). The expression is
+slicing of its last dim), or two tensors of the output's shape [P, I] (which is the gate is
+found by evaluating both ways), plus, for the backward, one upstream gradient of shape [P, I], and
+optionally one per-row weight of shape [P, 1] or [P] (the routing probability). A backward over
+two tensors is matched against the gate and up of a forward SwiGLU this pass fused, so the
+gate, the up projection and the upstream gradient are told apart. The expression is
 then evaluated in float64 (its casts mapped to float64, so intermediate roundings drop out) on test
 values (rows of ordinary, tiny and large magnitudes, |x| up to 40, so clamps, scaled sigmoids or
 shifted gates show) and compared with the float64 SwiGLU; only an expression that agrees to 1e-9 is
 replaced. So the rule is about what the graph computes, not how the model's source spells it;
-anything else (a clamped SwiGLU, GELU gating, gate and up from two GEMMs) keeps its explicit
+anything else (a clamped SwiGLU, GELU gating, interleaved gate and up columns) keeps its explicit
 quantization, and where the expression holds an activation the log says why.
 """
 
@@ -205,9 +212,9 @@ def _env(halves, h_test, per_row, probs_test):
     return env
 
 
-NOT_HALVES = ("its inputs are not the two halves of one [P, 2I] tensor (gate and up from "
-              "separate GEMMs, interleaved columns, or an op the rule does not follow such as "
-              "a clamp); swiglu_quant reads one [P, 2I] tensor")
+NOT_HALVES = ("its inputs are neither the two halves of one [P, 2I] tensor nor two [P, I] "
+              "tensors (interleaved columns, or an op the rule does not follow such as a "
+              "clamp)")
 NOT_SWIGLU = "it is not silu(gate) * up on test values (a clamped or scaled gate?)"
 
 
@@ -217,8 +224,96 @@ def _looks_gated(nodes: list[fx.Node]) -> bool:
                for n in nodes)
 
 
+def _full_and_rows(leaves: list[fx.Node], rows: int, width: int):
+    """(leaves of shape [rows, width], per-row leaves), or None if another shape is among
+    them."""
+    full, per_row = [], []
+    for leaf in leaves:
+        v = val(leaf)
+        if not isinstance(v, torch.Tensor):
+            return None
+        if tuple(v.shape) in ((rows, 1), (rows,)):
+            per_row.append(leaf)
+        elif tuple(v.shape) == (rows, width):
+            full.append(leaf)
+        else:
+            return None
+    return full, per_row
+
+
+def _pair_test(width: int, gate: fx.Node, up: fx.Node):
+    """Test values for a gate and an up tensor, each in its node's dtype, and the [ROWS, 2I]
+    float64 h they make side by side."""
+    g = _test_h(width, val(gate).dtype)[:, :width]
+    u = _test_h(width, val(up).dtype)[:, width:]
+    return g, u, torch.cat([g, u], 1)
+
+
+def _match_forward_pair(x: fx.Node, nodes, leaves, why: list[str]):
+    """(gate, up, probs leaf or None) if x = silu(gate) * up [* probs] over two [P, I]
+    tensors."""
+    rows, width = val(x).shape
+    c = _full_and_rows(leaves, rows, width)
+    if c is None or len(c[0]) != 2 or len(c[1]) > 1:
+        return None
+    full, per_row = c
+    p_test = _test_vec(ROWS, val(per_row[0]).dtype, 1) if per_row else None
+    for gate, up in (full, full[::-1]):
+        g_test, u_test, h_test = _pair_test(width, gate, up)
+        env = _env({}, h_test, per_row, p_test)
+        env[gate], env[up] = g_test, u_test
+        try:
+            got = _evaluate(nodes, env)
+        except Exception:  # an op our test values do not fit: no match
+            return None
+        if _close(got, _swiglu64(h_test, p_test)):
+            return gate, up, (per_row[0] if per_row else None)
+    why.append(NOT_SWIGLU)
+    return None
+
+
+def _match_backward_pair(x: fx.Node, pairs: list[tuple[fx.Node, fx.Node]], why: list[str]):
+    """(plane 0 | 1, dA, gate, up, probs leaf or None) if x [P, I] is d_gate (0) or d_up (1) of
+    the SwiGLU of a (gate, up) pair the forward fused."""
+    xv = val(x)
+    if xv.dim() != 2 or not pairs:
+        return None
+    expr = _expression(x)
+    if expr is None or not expr[0]:
+        return None
+    nodes, leaves = expr
+    rows, width = xv.shape
+    c = _full_and_rows(leaves, rows, width)
+    if c is None or len(c[1]) > 1:
+        return None
+    full, per_row = c
+    p_test = _test_vec(ROWS, val(per_row[0]).dtype, 1) if per_row else None
+    for gate, up in pairs:
+        rest = [leaf for leaf in full if leaf is not gate and leaf is not up]
+        if gate not in full or len(rest) != 1:
+            continue
+        d_a = rest[0]
+        g_test, u_test, h_test = _pair_test(width, gate, up)
+        d_test = (torch.randn(ROWS, width, generator=torch.Generator().manual_seed(2))
+                  .to(val(d_a).dtype).double())
+        env = _env({}, h_test, per_row, p_test)
+        env[gate], env[up], env[d_a] = g_test, u_test, d_test
+        try:
+            got = _evaluate(nodes, env)
+        except Exception:
+            return None
+        want = _swiglu_grad64(d_test, h_test, p_test)
+        for i in (0, 1):
+            if _close(got, want[:, i * width:(i + 1) * width]):
+                return i, d_a, gate, up, (per_row[0] if per_row else None)
+        why.append(NOT_SWIGLU)
+        return None
+    return None
+
+
 def _match_forward(x: fx.Node, why: list[str]):
-    """(h, probs leaf or None) if x = silu(h[:, :I]) * h[:, I:] [* probs]."""
+    """(h, probs leaf or None, None) if x = silu(h[:, :I]) * h[:, I:] [* probs], or
+    (gate, probs leaf or None, up) if x = silu(gate) * up [* probs]."""
     xv = val(x)
     if xv.dim() != 2:
         return None
@@ -228,7 +323,11 @@ def _match_forward(x: fx.Node, why: list[str]):
     nodes, leaves = expr
     c = _classify(leaves, xv.shape[0], xv.shape[1])
     if c is None or c[3] or len(c[2]) > 1:
-        if _looks_gated(nodes):
+        if c is None:
+            pair = _match_forward_pair(x, nodes, leaves, why)
+            if pair is not None:
+                return pair[0], pair[2], pair[1]
+        if _looks_gated(nodes) and not why:
             why.append(NOT_HALVES)
         return None
     h, halves, per_row, _ = c
@@ -242,7 +341,7 @@ def _match_forward(x: fx.Node, why: list[str]):
     if not _close(got, _swiglu64(h_test, p_test)):
         why.append(NOT_SWIGLU)
         return None
-    return h, (per_row[0] if per_row else None)
+    return h, (per_row[0] if per_row else None), None
 
 
 def _is_zeros(n: fx.Node) -> bool:
@@ -329,12 +428,16 @@ def _probs_arg(gm: fx.GraphModule, p: fx.Node | None):
     return contiguous(gm, p)
 
 
-def _tiled(h: fx.Node) -> str | None:
-    hv = val(h)
-    if (hv.shape[1] // 2) % 128:
-        return f"I = {hv.shape[1] // 2} is not a multiple of 128 (tiles would straddle gate/up)"
-    if hv.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return f"h has dtype {hv.dtype}"
+def _tiled(h: fx.Node, up: fx.Node | None = None) -> str | None:
+    for n in (h, up):
+        if n is not None and val(n).dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return f"{n.name} has dtype {val(n).dtype}"
+    if up is not None:
+        width = val(h).shape[1]
+        return None if width % 128 == 0 else f"I = {width} is not a multiple of 128 (1x128 tiles)"
+    width = val(h).shape[1] // 2
+    if width % 128:
+        return f"I = {width} is not a multiple of 128 (tiles would straddle gate/up)"
     return None
 
 
@@ -345,6 +448,8 @@ def _transposed(gm: fx.GraphModule, qs: list[fx.Node], offs, align: int) -> list
 
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
     changed = False
+    pairs: list[tuple[fx.Node, fx.Node]] = []  # (gate, up) of the forward SwiGLUs fused
+    planes: dict[tuple, list[fx.Node]] = {}  # one split backward per (dA, gate, up, probs)
     for n in list(gm.graph.nodes):
         col = n.target is ops.quantize_1x128_col.default
         if not col and (n.target is not ops.quantize_1x128.default
@@ -357,15 +462,25 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         x = n.args[0]
         why: list[str] = []
         with unset_fake_temporarily():  # the test values are real tensors
-            fwd = _match_forward(x, why)
-            bwd = None if fwd is not None else _match_backward(x, why)
+            # The gradient of a fused pair first: d_up = dA * silu(gate) is also silu(gate)
+            # times a tensor, which the forward rule would take for another SwiGLU.
+            pair_bwd = _match_backward_pair(x, pairs, why)
+            fwd = bwd = None
+            if pair_bwd is None:
+                why.clear()
+                fwd = _match_forward(x, why)
+                bwd = None if fwd is not None else _match_backward(x, why)
+        if pair_bwd is not None:
+            _replace_with_plane(gm, ctx, n, x, pair_bwd, planes, offs, align, col)
+            changed = True
+            continue
         if fwd is None and bwd is None:
             if why:
                 ctx.log.append(f"fuse: quantization of {x.name} kept, not fused into a SwiGLU "
                                f"op: {why[0]}")
             continue
-        d_a, h, p = (None, *fwd) if fwd is not None else bwd
-        why = _tiled(h)
+        d_a, h, p, up = (None, *fwd) if fwd is not None else (*bwd, None)
+        why = _tiled(h, up)
         if why:
             kind = "SwiGLU" if d_a is None else "SwiGLU backward"
             ctx.log.append(f"fuse: {kind} of {h.name} kept unfused: {why}")
@@ -374,6 +489,9 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             if d_a is None:
                 target, name = ops.swiglu_quant.default, f"swiglu_{h.name}"
                 args = (contiguous(gm, h), _probs_arg(gm, p))
+                if up is not None:
+                    args += (contiguous(gm, up),)
+                    pairs.append((h, up))
             else:
                 target, name = ops.swiglu_quant_backward.default, f"swiglu_bwd_{h.name}"
                 args = (contiguous(gm, d_a), contiguous(gm, h), _probs_arg(gm, p))
@@ -381,8 +499,30 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             new = _transposed(gm, new, offs, align) if col else new
         replace_outputs(gm, n, new)
         what = f"SwiGLU({h.name})" if d_a is None else f"SwiGLU gradient of {h.name}"
+        if up is not None:
+            what = f"SwiGLU({h.name}, {up.name})"
         ctx.log.append(f"fuse: quantization of {x.name} = {what} -> {target._opname}")
         changed = True
     if changed:
         finish(gm, dead_code=True)
     return gm
+
+
+def _replace_with_plane(gm, ctx, n, x, match, planes, offs, align, col) -> None:
+    """Quantize node n of d_gate (plane 0) or d_up (plane 1) -> that plane of the split SwiGLU
+    backward of its (gate, up) pair, made once for both."""
+    i, d_a, gate, up, p = match
+    key = (d_a, gate, up, p)
+    with gm.graph.inserting_before(n):
+        if key not in planes:
+            args = (contiguous(gm, d_a), contiguous(gm, gate), _probs_arg(gm, p), None,
+                    contiguous(gm, up), True)
+            planes[key] = call_multi(gm, ops.swiglu_quant_backward.default, args, 3,
+                                     name=f"swiglu_bwd_{gate.name}")[:2]
+        q, s = planes[key]
+        new = [call(gm, aten.select.int, (q, 0, i)), call(gm, aten.select.int, (s, 0, i))]
+        new = _transposed(gm, new, offs, align) if col else new
+    replace_outputs(gm, n, new)
+    what = ("d_gate", "d_up")[i]
+    ctx.log.append(f"fuse: quantization of {x.name} = {what} of SwiGLU({gate.name}, {up.name}) "
+                   f"-> swiglu_quant_backward (split), plane {i}")

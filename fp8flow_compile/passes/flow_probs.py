@@ -213,7 +213,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         _move_before(w, swiglu, order)  # the weight is often computed after the SwiGLU
         with gm.graph.inserting_before(swiglu):
             probs = call(gm, aten.view.default, (w, [-1]), name=f"probs_{w.name}")
-        swiglu.args = (swiglu.args[0], probs)
+        swiglu.args = (swiglu.args[0], probs, *swiglu.args[2:])  # keeps a separate up
         c.args = (*c.args[:3], None, *c.args[4:])
         q.args = (g, *q.args[1:])
         bwd.args = (bwd.args[0], bwd.args[1], probs, *bwd.args[3:])
