@@ -207,6 +207,47 @@ class RoutedFlowMoE(FixedRoute, FlowMoE):
     """The hand-wired FP8 flow layer with fixed routing."""
 
 
+class RoutedSplitMoE(RoutedMoE):
+    """The canonical layer with gate and up as weights of their own, w1 and w3 [E, I, H]
+    (torchtitan's layout, `--experts separate`): FC1 is two grouped GEMMs. The same values as
+    the stacked layer's w13 = cat([w1, w3], 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.hidden)
+        topw, topi = self.route(x)
+        flat = topi.flatten()
+        order = flat.argsort(stable=True)
+        token = order // self.top_k
+        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        xr = x[token]
+        gate = torch._grouped_mm(xr, self.w1.transpose(-2, -1), offs=offs)
+        up = torch._grouped_mm(xr, self.w3.transpose(-2, -1), offs=offs)
+        y = torch._grouped_mm(nn.functional.silu(gate) * up, self.w2.transpose(-2, -1),
+                              offs=offs)
+        y = y * topw.flatten()[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y).reshape(shape)
+
+
+EXPERT_LAYOUTS = ("stacked", "separate")
+
+
+def expert_params(layer: nn.Module) -> list[nn.Parameter]:
+    """The layer's expert weights: [w13, w2], or [w1, w3, w2] in the separate layout."""
+    if hasattr(layer, "w1"):
+        return [layer.w1, layer.w3, layer.w2]
+    return [layer.w13, layer.w2]
+
+
+def grad_w13(layer: nn.Module) -> torch.Tensor | None:
+    """The gradient of w13, put together from w1's and w3's in the separate layout."""
+    if not hasattr(layer, "w1"):
+        return layer.w13.grad
+    if layer.w1.grad is None or layer.w3.grad is None:
+        return None
+    return torch.cat([layer.w1.grad, layer.w3.grad], 1)
+
+
 def zipf_loads(total: int, n: int, cap: int, s: float) -> list[int]:
     """Integer loads over n experts summing to `total`, proportional to rank**-s, each <= cap.
 
@@ -278,15 +319,29 @@ def make_routing(kind: str, T: int, E: int, k: int, align: int, seed: int,
 # ------------------------------------------------------------------------------ model building
 
 
-def build(cls, dims, w13: torch.Tensor, w2: torch.Tensor, topw, topi, dtype) -> nn.Module:
+def build(cls, dims, w13: torch.Tensor, w2: torch.Tensor, topw, topi, dtype,
+          layout: str = "stacked") -> nn.Module:
     """A layer of class `cls` whose expert weights are `w13`, `w2` (cast to `dtype`; shared
-    storage when already of that dtype) and whose routing is fixed to (topw, topi)."""
+    storage when already of that dtype) and whose routing is fixed to (topw, topi). The
+    separate layout builds a RoutedSplitMoE (for cls RoutedMoE) with w1, w3 the two halves of
+    w13, copied."""
     T, H, I, E, k = dims
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"unknown expert layout {layout!r}; known: {EXPERT_LAYOUTS}")
+    if layout == "separate":
+        if cls is not RoutedMoE:
+            raise ValueError(f"{cls.__name__} has no separate expert layout")
+        cls = RoutedSplitMoE
     m = cls(H, I, E, k, dtype=dtype, device="meta")
     dev = w13.device
     # The router is never called with fixed routing; give it a real, frozen tensor all the same.
     m.router.weight = nn.Parameter(torch.zeros(E, H, dtype=dtype, device=dev), requires_grad=False)
-    m.w13 = nn.Parameter(w13.to(dtype))
+    if layout == "separate":
+        del m.w13
+        m.w1 = nn.Parameter(w13[:, :I].to(dtype).contiguous())
+        m.w3 = nn.Parameter(w13[:, I:].to(dtype).contiguous())
+    else:
+        m.w13 = nn.Parameter(w13.to(dtype))
     m.w2 = nn.Parameter(w2.to(dtype))
     m.set_routing(topw, topi)
     return m
@@ -325,16 +380,19 @@ def torchao_status() -> tuple[bool, str]:
 
 
 def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: bool,
-                 reset: bool = True):
+                 reset: bool = True, layout: str = "stacked"):
     """(callable, layer module, info dict) for one variant. The callable is what is timed.
     reset=False keeps Dynamo's caches, so variants compiled earlier stay compiled (sustained and
-    interleaved timing keep them all)."""
+    interleaved timing keep them all). layout: the experts' weights, "stacked" (w13) or
+    "separate" (w1, w3)."""
     info: dict = {}
     fp8_opts = {"inner": "eager"} if smoke else {}  # Inductor on CPU compiles slowly
     if key == "fp8_hand":
+        if layout != "stacked":
+            raise Skip("the hand-wired layer reads one stacked w13")
         m = build(RoutedFlowMoE, dims, w13, w2, topw, topi, torch.bfloat16)
         return m, m, info
-    m = build(RoutedMoE, dims, w13, w2, topw, topi, torch.bfloat16)
+    m = build(RoutedMoE, dims, w13, w2, topw, topi, torch.bfloat16, layout)
     if key == "bf16_eager":
         return m, m, info
     if reset:
@@ -789,10 +847,12 @@ def sustained_ms(timed: list[Timed], dev, block_s: float, settle_s: float, round
 def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
              ) -> Timed | None:
     fn, layer, info = make_variant(key, dims, w13, w2, topw, topi, loads, args.align,
-                                   args.smoke, reset=args.timing == "sequential")
+                                   args.smoke, reset=args.timing == "sequential",
+                                   layout=args.experts)
     row.update(info)
+    row["experts"] = args.experts
     xg = x.detach().requires_grad_(True)
-    params = [layer.w13, layer.w2]
+    params = expert_params(layer)
 
     def clear():
         xg.grad = None
@@ -822,8 +882,8 @@ def _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
     if "error" not in ref:
         row["err_out"] = rel_err(out, ref["out"])
         row["err_dx"] = rel_err(xg.grad, ref["x"])
-        row["err_dw13"] = rel_err(params[0].grad, ref["w13"])
-        row["err_dw2"] = rel_err(params[1].grad, ref["w2"])
+        row["err_dw13"] = rel_err(grad_w13(layer), ref["w13"])
+        row["err_dw2"] = rel_err(layer.w2.grad, ref["w2"])
     out_bytes = out.numel() * out.element_size()
     del out
 
@@ -929,9 +989,11 @@ def print_tables(rows: list[dict], shapes: dict, order: list[str]) -> None:
         if not srows:
             continue
         T, H, I, E, k = dims
+        layouts = sorted({r.get("experts", "stacked") for r in srows})
         log()
         log(f"== {shape}: T={T} H={H} I={I} E={E} top-{k}  P={T * k}  "
-            f"{gemm_flops(dims) / 1e12:.3f} TFLOP of expert GEMMs per fwd+bwd ==")
+            f"{gemm_flops(dims) / 1e12:.3f} TFLOP of expert GEMMs per fwd+bwd, experts "
+            f"{'/'.join(layouts)} ==")
         log(cols)
         for routing in ROUTINGS:
             rrows = {r["variant"]: r for r in srows if r["routing"] == routing}
@@ -1057,7 +1119,7 @@ def profile(args, shapes, dev) -> None:
             fn = layer = None
             try:
                 fn, layer, _ = make_variant(key, dims, w13, w2, topw, topi, loads, args.align,
-                                            args.smoke)
+                                            args.smoke, layout=args.experts)
                 xg = x.detach().requires_grad_(True)
                 for _ in range(2):  # compile and warm up
                     fn(xg).backward(dy)
@@ -1068,7 +1130,8 @@ def profile(args, shapes, dev) -> None:
                 with torch.profiler.profile(activities=acts) as prof:
                     for _ in range(3):
                         xg.grad = None
-                        layer.w13.grad = layer.w2.grad = None
+                        for p in expert_params(layer):
+                            p.grad = None
                         fn(xg).backward(dy)
                     sync(dev)
                 sort = "device_time_total" if dev.type == "cuda" else "cpu_time_total"
@@ -1110,6 +1173,9 @@ def parse_args(argv=None):
     p.add_argument("--settle-s", type=float, default=None, help="sustained: seconds at the "
                    "start of each block not counted (default 2; smoke 0)")
     p.add_argument("--rounds", type=int, default=2, help="sustained: blocks per variant")
+    p.add_argument("--experts", choices=EXPERT_LAYOUTS, default="stacked",
+                   help="the experts' gate and up weights: one stacked w13 [E, 2I, H] (HF, "
+                        "Megatron) or separate w1, w3 [E, I, H] (torchtitan): two FC1 GEMMs")
     p.add_argument("--align", type=int, default=16, help="expert loads are multiples of this "
                    "(torchao's FP8 grouped GEMM needs 16; 1 for unaligned skewed loads)")
     p.add_argument("--seed", type=int, default=0)

@@ -172,3 +172,47 @@ def test_timing_options():
         parse_args(["--block-s", "1", "--settle-s", "2"])
     with pytest.raises(SystemExit):
         parse_args(["--rounds", "0"])
+
+
+def test_separate_expert_layout_is_the_stacked_layer_with_two_fc1_gemms():
+    """--experts separate: the same layer with w1, w3 for the halves of w13; fp8flow takes it
+    to the same 2 casts as the stacked layer."""
+    import fp8flow_compile as ff
+    from benchmarks.moe_layer import (
+        RoutedMoE,
+        build,
+        expert_params,
+        grad_w13,
+        make_routing,
+        make_variant,
+    )
+    T, H, I, E, k = dims = (64, 256, 128, 4, 2)
+    g = torch.Generator().manual_seed(0)
+    topw, topi, loads = make_routing("skewed", T, E, k, 16, 0, "cpu")
+    w13 = torch.randn(E, 2 * I, H, generator=g) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=g) * I ** -0.5
+    x, dy = torch.randn(T, H, generator=g), torch.randn(T, H, generator=g)
+    outs = {}
+    for layout in ("stacked", "separate"):
+        m = build(RoutedMoE, dims, w13, w2, topw, topi, torch.float32, layout)
+        assert len(expert_params(m)) == (2 if layout == "stacked" else 3)
+        out = m(x)
+        out.backward(dy)
+        outs[layout] = (out.detach(), grad_w13(m), m.w2.grad)
+    for a, b in zip(outs["stacked"], outs["separate"]):
+        # the same dot products, in float32; only the GEMM's blocking may differ
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    fn, layer, _ = make_variant("fp8flow", dims, w13.bfloat16(), w2.bfloat16(), topw, topi,
+                                loads, 16, smoke=True, layout="separate")
+    y = fn(x.bfloat16().requires_grad_())  # with the input's gradient: all 9 expert GEMMs
+    y.backward(dy.bfloat16())
+    s = ff.last_report().summary()
+    assert s["casts_after"] == 2 and s["gemms_fp8"] == 9, s
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    # FP8 tolerance as in the backend tests: ~0.07 for two chained E4M3 GEMMs, 0.12 with tails
+    assert rel(y, outs["stacked"][0]) < 0.12
+    assert rel(grad_w13(layer), outs["stacked"][1]) < 0.12
+    with pytest.raises(ValueError, match="unknown expert layout"):
+        build(RoutedMoE, dims, w13, w2, topw, topi, torch.float32, "interleaved")
