@@ -344,6 +344,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default="bf16_compiled,fp8flow")
     p.add_argument("--steps", type=int, default=5, help="profiled steps")
     p.add_argument("--reps", type=int, default=20, help="timed steps (no profiler)")
+    p.add_argument("--experts", choices=ML.EXPERT_LAYOUTS, default="stacked",
+                   help="stacked w13, or separate w1 / w3 (two FC1 GEMMs)")
     p.add_argument("--align", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -360,11 +362,12 @@ def main(argv=None) -> None:
         T, H, I, E, k = dims
         topw, topi, loads, w13, w2, x, dy = ML.setup_case(shape, dims, args.routing, args,
                                                           torch.device("cuda"), args.seed)
-        print(f"\n=== {shape}: T={T} H={H} I={I} E={E} top-{k}, {args.routing} ===")
+        print(f"\n=== {shape}: T={T} H={H} I={I} E={E} top-{k}, {args.routing}, experts "
+              f"{args.experts} ===")
         steps_ms = {}
         for key in args.variants.split(","):
             fn, layer, _ = ML.make_variant(key, dims, w13, w2, topw, topi, loads, args.align,
-                                           False)
+                                           False, layout=args.experts)
             steps_ms[key] = step_ms(fn, layer, x, dy, args.reps)
             trace = profile_steps(fn, layer, x, dy, args.steps)
             ops, other, busy = attribute(trace)

@@ -355,6 +355,8 @@ def test_gate_and_up_from_two_gemms_reach_two_casts(act, weight_before_down):
     assert rec.casts_after["backward"].get("swiglu_quant_backward") == 1, str(rep)
     log = "\n".join(rec.log)
     assert "plane 0" in log and "plane 1" in log, log
+    # the two FC1 dgrads reach the routed rows' gradient summed inside the scatter
+    assert "reading add" in log and "two terms" in log, log
     if act == "up_gated":  # the rule found which GEMM is the gate
         assert "SwiGLU(grouped_gemm_fp8_default_1, grouped_gemm_fp8_default)" in log, log
     gm = rec.graphs["after"]

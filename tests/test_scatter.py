@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
+import torch._dynamo
 from test_passes import moe_joint, targets, upto  # noqa: F401  (moe_joint: a fixture)
 
+import fp8flow_compile as ff
 from examples.moe import MoE
 from fp8flow_compile.errors import Fp8Unsupported
 from fp8flow_compile.kernels import scatter as S
@@ -155,6 +157,60 @@ def test_op_fake_and_bad_inputs():
             fn()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_second_term_is_added_in_fp32_per_row(dtype):
+    """src2: out[index[i]] += src[i] * weight[i] + src2[i], each row's sum in fp32, the kernel
+    bit-exact against the reference, both within one rounding of the float64 sum."""
+    T, H, N = 7, 300, 20
+    for weight in (None, "col"):
+        b, idx, src, w = case(T, H, N, dtype, True, weight, 4)
+        src2 = heavy(N, H, gen=torch.Generator().manual_seed(9)).to(dtype)
+        ref = S.index_add_rows_ref(b, idx, src, w, T, src2=src2)
+        assert torch.equal(S.index_add_rows_triton(b, idx, src, w, T, src2=src2), ref)
+        assert torch.equal(ops.index_add_rows(b, idx, src, w, T, src2=src2), ref)
+        terms = src.double() * (1.0 if w is None else w.double().reshape(-1, 1)) + src2.double()
+        exact = b.double().index_add(0, idx, terms)
+        mag = b.double().abs().index_add(0, idx, terms.abs() + src2.double().abs())
+        n = torch.bincount(idx, minlength=T).double().reshape(-1, 1)
+        # one rounding to the output dtype, plus per row an fp32 product and sum, and n fp32
+        # additions
+        bound = UNIT[dtype] * exact.abs() + (n + 3) * U32 * mag
+        assert ((ref.double() - exact).abs() <= bound).all()
+    torch.library.opcheck(ops.index_add_rows, (b, idx, src, None, T, False, None, None, src2),
+                          test_utils=("test_faketensor",))
+    with pytest.raises(Fp8Unsupported, match="src2 must have"):
+        ops.index_add_rows(None, idx, src, None, T, src2=src2[:3])
+
+
+def test_combine_reads_the_two_terms_of_a_sum():
+    class TwoReaders(torch.nn.Module):  # the gathered rows feed two Linears, as gate and up
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(64, 32, bias=False)
+            self.b = torch.nn.Linear(64, 32, bias=False)
+
+        def forward(self, x, token):
+            r = x[token]
+            return self.a(r) * self.b(r)
+
+    torch.manual_seed(0)
+    m = TwoReaders()
+    x = torch.randn(10, 64, requires_grad=True)
+    token = torch.randint(0, 10, (25,))
+    m(x, token).square().sum().backward()
+    want = x.grad.clone()
+    x.grad = None
+    torch._dynamo.reset()
+    ff.last_report().records.clear()
+    c = torch.compile(m, backend="fp8flow", options={"inner": "eager", "include": ["none"]})
+    c(x, token).square().sum().backward()
+    log = ff.last_report().records[0].log
+    assert any("index_add_rows reading" in line and "two terms" in line for line in log), log
+    # fp32: the rows' two terms summed in fp32 before the scatter as the graph's add did; only
+    # the order of the scatter's additions may differ (a few ulps)
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- the pass
 
 def test_combine_lowers_the_moe_scatters(moe_joint):  # noqa: F811  (the imported fixture)
@@ -271,6 +327,12 @@ def test_gpu_kernel_bit_exact_vs_reference():
                 got = ops.index_add_rows(*[a.cuda() if a is not None else None for a in args],
                                          T)
                 assert torch.equal(got.cpu(), ref)
+        src2 = heavy(N, H, gen=torch.Generator().manual_seed(seed + 10)).bfloat16()
+        args = case(T, H, N, torch.bfloat16, True, None, seed)
+        ref = S.index_add_rows_ref(*args, T, src2=src2)
+        got = ops.index_add_rows(*[a.cuda() if a is not None else None for a in args], T,
+                                 src2=src2.cuda())
+        assert torch.equal(got.cpu(), ref)
 
 
 def test_combine_plans_only_shared_sorts():

@@ -12,6 +12,7 @@ each output row sums its source rows in their original order), and one program p
 row, column block) reads its source rows and writes the row once:
 
     out[t] = base[t] + sum over i with index[i] == t, in increasing i, of src[i] * weight[i]
+                                                                          [+ src2[i]]
 
 accumulated in fp32 and rounded once to the output dtype (no atomics, deterministic). Against
 the ops it replaces this differs only in rounding, and is at least as accurate: a BF16
@@ -41,9 +42,13 @@ _BLOCK_H = 1024
 _MAX_R = 8  # source rows an iteration loads together
 
 
-def _check(base, index, src, weight, num_rows):
+def _check(base, index, src, weight, num_rows, src2=None):
     def need(cond, msg):
         require(cond, _OP, msg)
+    if src2 is not None:
+        need(src2.shape == src.shape and src2.dtype == src.dtype and src2.device == src.device,
+             f"src2 must have src's shape, dtype and device {tuple(src.shape)} {src.dtype} "
+             f"{src.device}, got {tuple(src2.shape)} {src2.dtype} {src2.device}")
     need(src.dim() == 2, f"src must be 2-D, got shape {tuple(src.shape)}")
     need(src.dtype in DTYPES, f"src must be one of {DTYPES}, got {src.dtype}")
     need(index.dim() == 1 and index.shape[0] == src.shape[0],
@@ -82,7 +87,7 @@ def _wrapped(index: torch.Tensor, num_rows: int, wrap: bool) -> torch.Tensor:
 
 # ---------------------------------------------------------------- torch reference (any device)
 
-def index_add_rows_ref(base, index, src, weight, num_rows, wrap=False):
+def index_add_rows_ref(base, index, src, weight, num_rows, wrap=False, src2=None):
     index = _wrapped(index, num_rows, wrap)
     if index.numel() and src.device.type == "cpu":
         lo, hi = int(index.min()), int(index.max())
@@ -94,6 +99,8 @@ def index_add_rows_ref(base, index, src, weight, num_rows, wrap=False):
     v = src.float()
     if weight is not None:
         v = v * weight.reshape(-1, 1).float()
+    if src2 is not None:
+        v = v + src2.float()
     # fp32 index_add_ on the CPU adds row by row in increasing i: the kernel's order
     acc.index_add_(0, index.long(), v)
     return acc.to(src.dtype)
@@ -102,9 +109,10 @@ def index_add_rows_ref(base, index, src, weight, num_rows, wrap=False):
 # ---------------------------------------------------------------- Triton kernel
 
 @triton.jit
-def _index_add_rows_kernel(base_ptr, src_ptr, w_ptr, order_ptr, bounds_ptr, out_ptr, H,
+def _index_add_rows_kernel(base_ptr, src_ptr, w_ptr, src2_ptr, order_ptr, bounds_ptr, out_ptr, H,
                            R: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BASE: tl.constexpr,
-                           HAS_W: tl.constexpr, BF16: tl.constexpr, W_BF16: tl.constexpr):
+                           HAS_W: tl.constexpr, HAS_SRC2: tl.constexpr, BF16: tl.constexpr,
+                           W_BF16: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
@@ -124,6 +132,8 @@ def _index_add_rows_kernel(base_ptr, src_ptr, w_ptr, order_ptr, bounds_ptr, out_
             v = _load_f32(src_ptr, r * H + cols, cmask & live, BF16)
             if HAS_W:
                 v = v * _load_f32(w_ptr, r, live, W_BF16)
+            if HAS_SRC2:  # a second term per row, added in fp32 (no rounded sum in between)
+                v = v + _load_f32(src2_ptr, r * H + cols, cmask & live, BF16)
             acc = tl.where(live, acc + v, acc)  # not acc + 0.0: that would turn -0.0 into +0.0
         i += R
     _store_f32(out_ptr, t * H + cols, acc, cmask, BF16)
@@ -155,7 +165,7 @@ def index_add_plan_impl(index: torch.Tensor, num_rows: int, wrap: bool = False
 
 
 def index_add_rows_triton(base, index, src, weight, num_rows, wrap=False, order=None,
-                          bounds=None):
+                          bounds=None, src2=None):
     N, H = src.shape
     if N and num_rows == 0:  # every index is out of range, known from the shapes alone
         raise IndexError(f"fp8flow.{_OP}: {N} source rows but no output rows")
@@ -169,8 +179,9 @@ def index_add_rows_triton(base, index, src, weight, num_rows, wrap=False, order=
     w = weight.reshape(-1).contiguous() if weight is not None else src
     _index_add_rows_kernel[(num_rows, cdiv(H, _BLOCK_H))](
         _bits(base.contiguous()) if base is not None else _bits(src), _bits(src.contiguous()),
-        _bits(w), order, bounds, _bits(out), H, R=R, BLOCK_H=_BLOCK_H,
-        HAS_BASE=base is not None, HAS_W=weight is not None, BF16=src.dtype == torch.bfloat16,
+        _bits(w), _bits(src2.contiguous()) if src2 is not None else _bits(src), order, bounds,
+        _bits(out), H, R=R, BLOCK_H=_BLOCK_H, HAS_BASE=base is not None,
+        HAS_W=weight is not None, HAS_SRC2=src2 is not None, BF16=src.dtype == torch.bfloat16,
         W_BF16=w.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False)
     return out
 
@@ -199,23 +210,26 @@ def _(index, num_rows, wrap=False):
 @torch.library.custom_op("fp8flow::index_add_rows", mutates_args=())
 def index_add_rows(base: torch.Tensor | None, index: torch.Tensor, src: torch.Tensor,
                    weight: torch.Tensor | None, num_rows: int, wrap: bool = False,
-                   order: torch.Tensor | None = None, bounds: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+                   order: torch.Tensor | None = None, bounds: torch.Tensor | None = None,
+                   src2: torch.Tensor | None = None) -> torch.Tensor:
     """[num_rows, H]: base (zeros when None) plus, for each i in increasing order,
-    src[i] * weight[i] (weight None: 1) added to row index[i]; fp32 accumulation, one rounding.
-    wrap=True reads negative indices from the end (index_put semantics).
+    src[i] * weight[i] (weight None: 1) [+ src2[i]] added to row index[i]; fp32 accumulation,
+    one rounding. wrap=True reads negative indices from the end (index_put semantics). src2
+    (src's shape and dtype): a second term per row, e.g. the two GEMM gradients that reach one
+    gathered row, summed here instead of in a [N, H] add first.
 
     order, bounds: optionally `index_add_plan(index, num_rows, w)` made once for several calls
     on the same index, which then skip their own sort; it must come from this index and
     num_rows, and `w` must be this call's wrap unless every index is non-negative (a plan with
     w=False asserts that, which an index_add_ on the same index requires anyway)."""
-    _check(base, index, src, weight, num_rows)
+    _check(base, index, src, weight, num_rows, src2)
     _check_plan(order, bounds, src.shape[0], num_rows)
     if use_triton(src):
-        return index_add_rows_triton(base, index, src, weight, num_rows, wrap, order, bounds)
-    return index_add_rows_ref(base, index, src, weight, num_rows, wrap)
+        return index_add_rows_triton(base, index, src, weight, num_rows, wrap, order, bounds,
+                                     src2)
+    return index_add_rows_ref(base, index, src, weight, num_rows, wrap, src2)
 
 
 @index_add_rows.register_fake
-def _(base, index, src, weight, num_rows, wrap=False, order=None, bounds=None):
+def _(base, index, src, weight, num_rows, wrap=False, order=None, bounds=None, src2=None):
     return src.new_empty(num_rows, src.shape[1])

@@ -11,7 +11,10 @@ the rows), in bf16 or fp32, becomes
 no atomics, fp32 accumulation, one rounding, deterministic. A base that is a zero fill is not
 read. Where src = y * w with w a per-row weight [N, 1] of the same dtype and the product used
 nowhere else, y and w go to the op and the product is never written: the MoE combine
-`zeros.index_add_(0, token, y * probs)` reads y once.
+`zeros.index_add_(0, token, y * probs)` reads y once. Where src = a + b (two [N, H] terms of
+src's dtype, the sum read only by the scatter), a and b go to the op (`src2=b`) and the sum is
+never written: the backward of a token gather read by two GEMMs (gate and up projections of
+their own) adds their two dgrads on the way.
 
 These are the MoE layer's combine step (forward) and the backward of its token gather
 `x[token]`; on the H100 they ran as BF16 atomics at several times the cost of reading the rows
@@ -62,6 +65,21 @@ def _row_weight(src: fx.Node, n_rows: int):
                 and wv.shape[0] == n_rows and wv.shape[1] == 1
                 and yv.dtype == wv.dtype == val(src).dtype):
             return y, w
+    return None
+
+
+def _two_terms(src: fx.Node):
+    """(a, b) if src = a + b of two tensors of src's shape and dtype (alpha 1), read only by
+    the scatter; else None."""
+    if (src.op != "call_function" or src.target is not aten.add.Tensor or len(src.users) != 1
+            or len(src.args) != 2 or src.kwargs.get("alpha", 1) != 1):
+        return None
+    a, b = src.args
+    sv = val(src)
+    if all(isinstance(t, fx.Node) and isinstance(val(t), torch.Tensor)
+           and tuple(val(t).shape) == tuple(sv.shape) and val(t).dtype == sv.dtype
+           for t in (a, b)):
+        return a, b
     return None
 
 
@@ -116,21 +134,26 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         rows = size_hint(val(base).shape[0])
         yw = _row_weight(src, val(src).shape[0])
         y, w = yw if yw is not None else (src, None)
+        terms = _two_terms(src) if yw is None else None
+        kwargs = {}
+        if terms is not None:
+            y, kwargs["src2"] = terms
         zero = _is_zero_fill(base)
         with gm.graph.inserting_before(n):
             new = call(gm, ops.index_add_rows.default,
                        (None if zero else base, index, y, w, _rows_arg(gm, base, zero), wrap),
-                       name="index_add_rows")
+                       kwargs, name="index_add_rows")
         new.meta["fp8flow"] = {"role": "combine", "replaces": n.name}
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
-        for dead in (src, base):  # the product and the zero fill, if nothing else reads them
+        for dead in (src, base):  # the product or sum and the zero fill, if nothing reads them
             if dead is not y and dead.op == "call_function" and not dead.users and (
                     dead is src or _is_zero_fill(dead)):
                 gm.graph.erase_node(dead)
         done += 1
         ctx.log.append(f"combine: {n.name} ({n.target.__name__}, {rows} rows) -> index_add_rows"
-                       + (" with the row weight fused" if yw is not None else ""))
+                       + (" with the row weight fused" if yw is not None else "")
+                       + (f" reading {src.name}'s two terms" if terms is not None else ""))
     shared = _share_plans(gm, ctx)
     if done or shared:
         finish(gm)
