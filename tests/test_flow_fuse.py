@@ -381,3 +381,37 @@ def test_two_gemm_gate_that_is_not_swiglu_keeps_its_quantization():
     log = [line for r in rep.records for line in r.log]
     assert not any("-> swiglu" in line for line in log), log
     assert any("not fused into a SwiGLU op" in line for line in log), log
+
+
+class DenseMLP(torch.nn.Module):
+    """A Llama-style MLP on [B, S, H] activations: gate_proj and up_proj are Linears of their
+    own, so each GEMM reads a [B*S, H] view and its output is viewed back to [B, S, I]."""
+
+    def __init__(self, hidden=256, inter=256):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_dense_mlp_on_3d_activations_reaches_two_casts():
+    torch.manual_seed(0)
+    ref = DenseMLP()
+    bf = copy.deepcopy(ref).bfloat16()
+    x, gy = torch.randn(2, 40, 256), torch.randn(2, 40, 256)
+    y32, dx32, g32 = fwd_bwd(ref, x, gy)
+    y, dx, g = fwd_bwd(compiled(bf, inner="eager"), x.bfloat16(), gy.bfloat16())
+    assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
+    for n in g32:
+        assert rel(g[n], g32[n]) < FP8_REL, n
+    rep = ff.last_report()
+    s = rep.summary()
+    # the input in forward, the output gradient in backward; SwiGLU output and d_gate / d_up
+    # come from the fused ops
+    assert s["gemms_fp8"] == 9 and s["casts_after"] == 2, str(rep)
+    after = rep.records[0].casts_after
+    assert after["forward"].get("swiglu_quant_save") == 1, after
+    assert after["backward"].get("swiglu_quant_backward") == 1, after

@@ -260,14 +260,23 @@ def test_casts_are_reported_per_module(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_swiglu_fused_only_where_it_is_plain_swiglu(name):
     # Mixtral, Qwen3-MoE, OLMoE and DeepSeek-V3 gate with silu(gate) * up on the two halves of
-    # the gate_up output, which swiglu_quant computes. GPT-OSS clamps gate and up, scales the
-    # sigmoid by alpha, adds 1 to up and interleaves the columns: fusing it would be wrong.
+    # the gate_up output, which swiglu_quant computes. DeepSeek-V3's shared expert is a dense
+    # MLP whose gate_proj and up_proj are Linears of their own, on [B, S, H] activations: fused
+    # as well (gate and up as two tensors, seen through the [B*S, I] views of the GEMMs). GPT-OSS
+    # clamps gate and up, scales the sigmoid by alpha, adds 1 to up and interleaves the columns:
+    # fusing it would be wrong.
     r = result(name)
     after = r.report.records[0].casts_after
     # (swiglu_quant_save where it also keeps h in FP8 for the backward, flow_save)
     fused = (after["forward"].get("swiglu_quant", 0) + after["forward"].get("swiglu_quant_save", 0),
              after["backward"].get("swiglu_quant_backward", 0))
-    assert fused == ((0, 0) if name == "gpt_oss" else (1, 1))
+    want = {"gpt_oss": (0, 0), "deepseek_v3": (2, 2)}.get(name, (1, 1))
+    assert fused == want, after
+    if name == "deepseek_v3":  # the shared expert's SwiGLU output and gradients: no casts left
+        by_module = r.report.records[0].casts_by_module
+        shared = {m: c for m, c in by_module.items() if "shared_experts." in m}
+        assert shared == {"model.layers.0.mlp.shared_experts.down_proj":
+                          {"forward": 0, "backward": 1}}, by_module
     if name == "gpt_oss":  # it still runs in FP8, and the report says why it was not fused
         log = r.report.records[0].log
         assert any("not fused into a SwiGLU op" in line for line in log), log

@@ -106,6 +106,34 @@ def _half_of(n: fx.Node):
     return None
 
 
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _reshaped(n: fx.Node) -> fx.Node | None:
+    """n's input if n only regroups the leading dims of it (the last dim and the element count
+    kept): [B, S, I] <-> [B*S, I] around a dense layer's 2-D GEMM. Else None."""
+    if n.op != "call_function" or n.target not in _RESHAPES:
+        return None
+    src = n.args[0]
+    v, sv = val(n), val(src) if isinstance(src, fx.Node) else None
+    if (isinstance(v, torch.Tensor) and isinstance(sv, torch.Tensor) and v.dim() >= 2
+            and sv.dim() >= 2 and v.shape[-1] == sv.shape[-1] and v.numel() == sv.numel()):
+        return src
+    return None
+
+
+def _flat(n: fx.Node) -> fx.Node:
+    """The 2-D tensor a leaf is a [B, S, I] view of (a dense GEMM's output), else the leaf."""
+    src = _reshaped(n)
+    return src if src is not None and val(src).dim() == 2 else n
+
+
+def _root(x: fx.Node) -> fx.Node:
+    """The [B, S, I] tensor a quantized [B*S, I] operand is a view of, else x."""
+    src = _reshaped(x)
+    return src if src is not None and val(src).dim() > 2 else x
+
+
 def _expression(root: fx.Node):
     """Nodes of the elementwise expression ending in root (topological order) and its leaves,
     or None if it is too large."""
@@ -225,17 +253,18 @@ def _looks_gated(nodes: list[fx.Node]) -> bool:
 
 
 def _full_and_rows(leaves: list[fx.Node], rows: int, width: int):
-    """(leaves of shape [rows, width], per-row leaves), or None if another shape is among
-    them."""
+    """(the distinct [rows, width] tensors the leaves are, seen through _flat; per-row leaves),
+    or None if another shape is among them."""
     full, per_row = [], []
     for leaf in leaves:
-        v = val(leaf)
+        v = val(_flat(leaf))
         if not isinstance(v, torch.Tensor):
             return None
         if tuple(v.shape) in ((rows, 1), (rows,)):
             per_row.append(leaf)
         elif tuple(v.shape) == (rows, width):
-            full.append(leaf)
+            if _flat(leaf) not in full:
+                full.append(_flat(leaf))
         else:
             return None
     return full, per_row
@@ -249,9 +278,17 @@ def _pair_test(width: int, gate: fx.Node, up: fx.Node):
     return g, u, torch.cat([g, u], 1)
 
 
+def _leaf_env(leaves: list[fx.Node], tests: dict[fx.Node, torch.Tensor], env: dict) -> dict:
+    """Test values for the leaves themselves, from those of the tensors they are views of."""
+    for leaf in leaves:
+        if _flat(leaf) in tests:
+            env[leaf] = tests[_flat(leaf)]
+    return env
+
+
 def _match_forward_pair(x: fx.Node, nodes, leaves, why: list[str]):
     """(gate, up, probs leaf or None) if x = silu(gate) * up [* probs] over two [P, I]
-    tensors."""
+    tensors (or [B, S, I] views of them)."""
     rows, width = val(x).shape
     c = _full_and_rows(leaves, rows, width)
     if c is None or len(c[0]) != 2 or len(c[1]) > 1:
@@ -260,8 +297,7 @@ def _match_forward_pair(x: fx.Node, nodes, leaves, why: list[str]):
     p_test = _test_vec(ROWS, val(per_row[0]).dtype, 1) if per_row else None
     for gate, up in (full, full[::-1]):
         g_test, u_test, h_test = _pair_test(width, gate, up)
-        env = _env({}, h_test, per_row, p_test)
-        env[gate], env[up] = g_test, u_test
+        env = _leaf_env(leaves, {gate: g_test, up: u_test}, _env({}, h_test, per_row, p_test))
         try:
             got = _evaluate(nodes, env)
         except Exception:  # an op our test values do not fit: no match
@@ -278,7 +314,7 @@ def _match_backward_pair(x: fx.Node, pairs: list[tuple[fx.Node, fx.Node]], why: 
     xv = val(x)
     if xv.dim() != 2 or not pairs:
         return None
-    expr = _expression(x)
+    expr = _expression(_root(x))
     if expr is None or not expr[0]:
         return None
     nodes, leaves = expr
@@ -296,8 +332,8 @@ def _match_backward_pair(x: fx.Node, pairs: list[tuple[fx.Node, fx.Node]], why: 
         g_test, u_test, h_test = _pair_test(width, gate, up)
         d_test = (torch.randn(ROWS, width, generator=torch.Generator().manual_seed(2))
                   .to(val(d_a).dtype).double())
-        env = _env({}, h_test, per_row, p_test)
-        env[gate], env[up], env[d_a] = g_test, u_test, d_test
+        env = _leaf_env(leaves, {gate: g_test, up: u_test, d_a: d_test},
+                        _env({}, h_test, per_row, p_test))
         try:
             got = _evaluate(nodes, env)
         except Exception:
@@ -317,7 +353,7 @@ def _match_forward(x: fx.Node, why: list[str]):
     xv = val(x)
     if xv.dim() != 2:
         return None
-    expr = _expression(x)
+    expr = _expression(_root(x))
     if expr is None or not expr[0]:
         return None
     nodes, leaves = expr
