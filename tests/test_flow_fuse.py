@@ -415,3 +415,37 @@ def test_dense_mlp_on_3d_activations_reaches_two_casts():
     after = rep.records[0].casts_after
     assert after["forward"].get("swiglu_quant_save") == 1, after
     assert after["backward"].get("swiglu_quant_backward") == 1, after
+
+
+class WeightedDenseMLP(DenseMLP):
+    """A dense MLP whose SwiGLU output is weighted per row by a [B, S, 1] gate of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = torch.nn.Linear(256, 1, bias=False)
+
+    def forward(self, x):
+        # one weight per row, computed on the [B*S, H] rows and viewed as [B, S, 1] (a weight
+        # computed elementwise inside the expression, sigmoid(score(x)) on [B, S, 1], is not a
+        # leaf: the rule does not take it for a row weight)
+        w = torch.sigmoid(self.score(x.reshape(-1, x.shape[-1]))).view(*x.shape[:-1], 1)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x) * w)
+
+
+def test_dense_mlp_with_a_3d_row_weight():
+    """The row weight reaches the fused ops as one value per row, [B*S], whatever its view."""
+    torch.manual_seed(0)
+    ref = WeightedDenseMLP()
+    bf = copy.deepcopy(ref).bfloat16()
+    x, gy = torch.randn(2, 40, 256), torch.randn(2, 40, 256)
+    y32, dx32, g32 = fwd_bwd(ref, x, gy)
+    c = torch.compile(bf, backend="fp8flow", options={"inner": "eager", "exclude": ["score"]})
+    torch._dynamo.reset()
+    ff.last_report().records.clear()
+    y, dx, g = fwd_bwd(c, x.bfloat16(), gy.bfloat16())
+    assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
+    for n in g32:
+        assert rel(g[n], g32[n]) < FP8_REL, n
+    log = "\n".join(ff.last_report().records[0].log)
+    assert "-> swiglu_quant\n" in log + "\n" and "(split), plane 0" in log, log
+

@@ -342,8 +342,8 @@ def _match_backward_pair(x: fx.Node, pairs: list[tuple[fx.Node, fx.Node]], why: 
         for i in (0, 1):
             if _close(got, want[:, i * width:(i + 1) * width]):
                 return i, d_a, gate, up, (per_row[0] if per_row else None)
-        why.append(NOT_SWIGLU)
-        return None
+        if NOT_SWIGLU not in why:
+            why.append(NOT_SWIGLU)  # and try the other pairs
     return None
 
 
@@ -458,9 +458,8 @@ def _match_backward(x: fx.Node, why: list[str]):
 def _probs_arg(gm: fx.GraphModule, p: fx.Node | None):
     if p is None:
         return None
-    v = val(p)
-    if v.dim() == 2:
-        p = call(gm, aten.view.default, (p, [-1]))
+    if val(p).dim() != 1:  # [P, 1], or [B, S, 1] around a dense layer: one value per row
+        p = call(gm, aten.view.default, (contiguous(gm, p), [-1]))
     return contiguous(gm, p)
 
 

@@ -72,6 +72,15 @@ def _other(mul: fx.Node, x: fx.Node):
     return b if a is x else a if b is x else None
 
 
+def _same_up(bwd: fx.Node, swiglu: fx.Node) -> bool:
+    """The backward reads the forward's separate up projection, if it has one (or the FP8
+    copy of gate and up the forward saved, which only that forward makes)."""
+    up = swiglu.args[2] if len(swiglu.args) > 2 else None
+    if up is None or bwd.args[1] is _output(swiglu, 2):
+        return True
+    return len(bwd.args) > 4 and bwd.args[4] is up
+
+
 def _row_sum(n: fx.Node) -> bool:
     """n sums a 2-D tensor over its last dim, keeping it: [P, H] -> [P, 1]."""
     if n.op != "call_function" or n.target is not aten.sum.dim_IntList:
@@ -114,7 +123,8 @@ def _match(c: fx.Node, why: list[str]):
                   and u.args[0] is dq]
         bwd = [b for d in dgrads for b in d.users
                if b.target is ops.swiglu_quant_backward.default and b.args[0] is d
-               and b.args[1] in h_bwd and (len(b.args) < 3 or b.args[2] is None)]
+               and b.args[1] in h_bwd and (len(b.args) < 3 or b.args[2] is None)
+               and _same_up(b, swiglu)]
         # the FP8 rows feed the dgrad and the transpose for the FC2 wgrad, nothing else
         readers = {u for o in (dq, _output(q, 1)) if o is not None for u in o.users}
         if (len(dgrads) == 1 and len(bwd) == 1 and len(dgrads[0].users) == 1

@@ -31,7 +31,8 @@ ops = torch.ops.fp8flow
 def _pair_backward(u: fx.Node, gate: fx.Node, up: fx.Node) -> bool:
     """u is the split SwiGLU backward of this gate and up, from their high-precision values."""
     return (u.target is ops.swiglu_quant_backward.default and len(u.args) == 6
-            and u.args[1] is gate and u.args[3] is None and u.args[4] is up and not u.kwargs)
+            and u.args[1] is gate and u.args[3] is None and u.args[4] is up
+            and u.args[5] is True and not u.kwargs)
 
 
 def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
@@ -46,7 +47,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         probs = n.args[1] if len(n.args) > 1 else n.kwargs.get("probs")
         up = n.args[2] if len(n.args) > 2 else n.kwargs.get("up")
         srcs = [h] if up is None else [h, up]  # gate and up from two GEMMs: both are kept
-        later = {u for src in srcs for u in src.users if u not in fwd}
+        later = list(dict.fromkeys(u for src in srcs for u in src.users if u not in fwd))
         if up is None:
             bwd = [u for u in later if u.target is ops.swiglu_quant_backward.default
                    and u.args[1] is h and len(u.args) < 4 and not u.kwargs]
