@@ -212,21 +212,10 @@ class RoutedSplitMoE(RoutedMoE):
     (torchtitan's layout, `--experts separate`): FC1 is two grouped GEMMs. The same values as
     the stacked layer's w13 = cat([w1, w3], 1)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, self.hidden)
-        topw, topi = self.route(x)
-        flat = topi.flatten()
-        order = flat.argsort(stable=True)
-        token = order // self.top_k
-        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
-        xr = x[token]
-        gate = torch._grouped_mm(xr, self.w1.transpose(-2, -1), offs=offs)
-        up = torch._grouped_mm(xr, self.w3.transpose(-2, -1), offs=offs)
-        y = torch._grouped_mm(nn.functional.silu(gate) * up, self.w2.transpose(-2, -1),
-                              offs=offs)
-        y = y * topw.flatten()[order].unsqueeze(-1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y).reshape(shape)
+    def gate_up(self, xr: torch.Tensor, offs: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch._grouped_mm(xr, self.w1.transpose(-2, -1), offs=offs),
+                torch._grouped_mm(xr, self.w3.transpose(-2, -1), offs=offs))
 
 
 EXPERT_LAYOUTS = ("stacked", "separate")

@@ -56,6 +56,10 @@ class Spelled(MoE):
     def gather_rows(self, x, token):
         return x[token]
 
+    def experts_act(self, xr, offs):
+        """The SwiGLU of the routed rows: one FC1 GEMM over w13, then the spelled gate."""
+        return self.swiglu(torch._grouped_mm(xr, self.w13.transpose(-2, -1), offs=offs))
+
     def forward(self, x):
         topw, topi = self.route(x)
         flat = topi.flatten()
@@ -63,8 +67,7 @@ class Spelled(MoE):
         token = order // self.top_k
         offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
         w = topw.flatten()[order].unsqueeze(-1).to(x.dtype)
-        h = torch._grouped_mm(self.gather_rows(x, token), self.w13.transpose(-2, -1), offs=offs)
-        a = self.swiglu(h)
+        a = self.experts_act(self.gather_rows(x, token), offs)
         if self.weight_before_down:
             a = a * w
         y = torch._grouped_mm(a, self.w2.transpose(-2, -1), offs=offs)
@@ -306,21 +309,10 @@ class TwoGemms(Spelled):
             return F.silu(u) * g
         raise ValueError(self.act)
 
-    def forward(self, x):
-        topw, topi = self.route(x)
-        flat = topi.flatten()
-        order = flat.argsort(stable=True)
-        token = order // self.top_k
-        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
-        w = topw.flatten()[order].unsqueeze(-1).to(x.dtype)
-        xr = x[token]
+    def experts_act(self, xr, offs):
         g = torch._grouped_mm(xr, self.w1.transpose(-2, -1), offs=offs)
         u = torch._grouped_mm(xr, self.w3.transpose(-2, -1), offs=offs)
-        a = self.swiglu2(g, u)
-        if self.weight_before_down:
-            a = a * w
-        y = torch._grouped_mm(a, self.w2.transpose(-2, -1), offs=offs)
-        return torch.zeros_like(x).index_add_(0, token, y if self.weight_before_down else y * w)
+        return self.swiglu2(g, u)
 
 
 def _two_gemms(act, weight_before_down=False):
