@@ -20,6 +20,9 @@ Variants (keys for `--variants`):
 - ``fp8flow_rowscales`` "fp8flow, per-row wgrad": the same with `block_scales=False`:
   the wgrad GEMMs read the transposes' scales per row (1x128 x 1x128 in cuBLAS) rather than as
   the 128x128 blocks they are (1x128 x 128x128), the default before that pass.
+- ``fp8flow_apart`` "fp8flow, gate/up apart": with `--experts separate` only, the same with
+  `merge_gate_up=False`: the FC1 GEMMs over w1 and w3 run as two GEMMs each (forward and dgrad)
+  instead of one over both.
 - ``fp8flow_triton`` "fp8flow triton GEMMs": the same with every FP8 GEMM forced onto the Triton
   kernels (`set_gemm_backend("triton")`), where the default picks cuBLAS per group at large
   groups (see fp8flow_compile/kernels/cublas.py).
@@ -168,6 +171,7 @@ VARIANTS = {
     "fp8flow_bf16h": "fp8flow, h kept BF16",
     "fp8flow_cached": "fp8flow, weights cached",
     "fp8flow_rowscales": "fp8flow, per-row wgrad",
+    "fp8flow_apart": "fp8flow, gate/up apart",
     "fp8flow_triton": "fp8flow triton GEMMs",
     "fp8_hand": "fp8 hand-wired",
     "torchao_fp8": "torchao fp8 rowwise",
@@ -176,7 +180,7 @@ VARIANTS = {
 BASELINE = "bf16_compiled"
 TIMINGS = ("sustained", "interleaved", "sequential")
 FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_bf16h", "fp8flow_cached",
-                "fp8flow_rowscales", "fp8flow_triton")
+                "fp8flow_rowscales", "fp8flow_apart", "fp8flow_triton")
 ZIPF_S = 1.2
 MIB = 1 << 20
 
@@ -381,6 +385,8 @@ def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: 
             raise Skip("the hand-wired layer reads one stacked w13")
         m = build(RoutedFlowMoE, dims, w13, w2, topw, topi, torch.bfloat16)
         return m, m, info
+    if key == "fp8flow_apart" and layout != "separate":
+        raise Skip("gate and up are apart only with --experts separate")
     m = build(RoutedMoE, dims, w13, w2, topw, topi, torch.bfloat16, layout)
     if key == "bf16_eager":
         return m, m, info
@@ -393,7 +399,8 @@ def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: 
                                "fp8flow_all": {"fp8_min_intensity": 0},
                                "fp8flow_bf16h": {"fp8_swiglu_input": False},
                                "fp8flow_cached": {"cache_weights": True},
-                               "fp8flow_rowscales": {"block_scales": False}}.get(key, {})}
+                               "fp8flow_rowscales": {"block_scales": False},
+                               "fp8flow_apart": {"merge_gate_up": False}}.get(key, {})}
         info["options"] = opts
         ff.last_report().records.clear()
         return torch.compile(m, backend=ff.fp8flow, options=opts), m, info

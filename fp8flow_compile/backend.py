@@ -28,6 +28,10 @@ Options:
 - ``block_scales`` (bool, default True): the wgrad GEMMs read the scaling-aware transpose's
   scales as the 128x128 blocks they are, which cuBLAS runs faster; the same values
   (passes/block_scales.py). False keeps the per-row form, for comparisons.
+- ``merge_gate_up`` (bool, default True): a SwiGLU whose gate and up are GEMMs over weights of
+  their own (torchtitan's w1 / w3, a Llama MLP's gate_proj / up_proj) runs its FC1 GEMMs as one
+  over both weights, forward and dgrad, as for a stacked weight (passes/merge_gate_up.py). False
+  keeps two GEMMs each, for comparisons. Not applied with ``cache_weights``.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ log = logging.getLogger(__name__)
 
 _LAST = Report()
 _KNOWN = {"flow", "inner", "fp8_router", "include", "exclude", "fp8_min_intensity",
-          "fp8_swiglu_input", "probs_in_swiglu", "cache_weights", "block_scales"}
+          "fp8_swiglu_input", "probs_in_swiglu", "cache_weights", "block_scales",
+          "merge_gate_up"}
 
 
 def last_report() -> Report:

@@ -15,6 +15,8 @@ see fp8flow_compile.recipe.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -89,7 +91,10 @@ def dequantize_1x128_ref(q: torch.Tensor, s: torch.Tensor, offs: torch.Tensor | 
     return out.to(out_dtype)
 
 
-def quantize_128x128_ref(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_128x128_ref(w: torch.Tensor, below: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    if below is not None:
+        w = torch.cat([w, below], -2)
     *lead, N, K = w.shape
     nb, kb = cdiv(N, TILE), cdiv(K, TILE)
     wf = torch.nn.functional.pad(w.float(), (0, kb * TILE - K, 0, nb * TILE - N))
@@ -323,8 +328,8 @@ def _dequantize_rows_kernel(q_ptr, s_ptr, out_ptr, offs_ptr, G, R, C, T,
 
 
 @triton.jit
-def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NB, KB,
-                            TILE_: tl.constexpr, DUAL: tl.constexpr):
+def _quantize_blocks_kernel(w_ptr, below_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, N1, K, NB, KB,
+                            TILE_: tl.constexpr, DUAL: tl.constexpr, BELOW: tl.constexpr):
     e = tl.program_id(0)
     nb = tl.program_id(1)
     kb = tl.program_id(2)
@@ -333,7 +338,18 @@ def _quantize_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NB, KB,
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     base = e.to(tl.int64) * N * K
     offs = base + rows[:, None].to(tl.int64) * K + cols[None, :]
-    x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if BELOW:
+        # The output's rows [0, N1) come from w [.., N1, K], the rest from `below`; N1 is a
+        # multiple of the tile, so a block reads one source.
+        if nb * TILE_ < N1:
+            src = e.to(tl.int64) * N1 * K + rows[:, None].to(tl.int64) * K + cols[None, :]
+            x = tl.load(w_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        else:
+            src = (e.to(tl.int64) * (N - N1) * K + (rows - N1)[:, None].to(tl.int64) * K
+                   + cols[None, :])
+            x = tl.load(below_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     finite = tl.abs(x) < float("inf")
     amax = tl.max(tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1), axis=0)
     ex = fm.scale_exponent(amax)
@@ -433,11 +449,15 @@ def dequantize_1x128_triton(q, s, offs=None, out_dtype=torch.float32):
     return out
 
 
-def quantize_128x128_triton(w, dual: bool = False, num_warps: int | None = None):
-    *lead, N, K = w.shape
-    E = w.numel() // max(N * K, 1)
+def quantize_128x128_triton(w, dual: bool = False, num_warps: int | None = None, below=None):
+    """below: a weight whose rows follow w's (the result is that of cat([w, below], -2))."""
+    N1 = w.shape[-2]
+    *lead, _, K = w.shape
+    N = N1 + (0 if below is None else below.shape[-2])
+    w2 = w if below is None else below
+    E = math.prod(lead)
     NB, KB = cdiv(N, TILE), cdiv(K, TILE)
-    q = torch.empty_like(w, dtype=FP8)
+    q = torch.empty(*lead, N, K, dtype=FP8, device=w.device)
     s = torch.empty(*lead, NB, KB, dtype=torch.float32, device=w.device)
     if num_warps is None:
         # A 128x128 tile per program spills at 4 warps: on the H100 (triton 3.6) the dual form
@@ -446,18 +466,19 @@ def quantize_128x128_triton(w, dual: bool = False, num_warps: int | None = None)
     qt = w.new_empty(*lead, K, N, dtype=FP8) if dual else q
     st = w.new_empty(*lead, KB, NB, dtype=torch.float32) if dual else s
     if E and NB and KB:
-        _quantize_blocks_kernel[(E, NB, KB)](w, q.view(torch.uint8), s, qt.view(torch.uint8), st,
-                                             N, K, NB, KB, TILE_=TILE, DUAL=dual,
+        _quantize_blocks_kernel[(E, NB, KB)](w, w2, q.view(torch.uint8), s,
+                                             qt.view(torch.uint8), st, N, N1, K, NB, KB,
+                                             TILE_=TILE, DUAL=dual, BELOW=below is not None,
                                              num_warps=num_warps)
     return (q, s, qt, st) if dual else (q, s)
 
 
-def quantize_128x128_dual_triton(w):
-    return quantize_128x128_triton(w, dual=True)
+def quantize_128x128_dual_triton(w, below=None):
+    return quantize_128x128_triton(w, dual=True, below=below)
 
 
-def quantize_128x128_dual_ref(w):
-    q, s = quantize_128x128_ref(w)
+def quantize_128x128_dual_ref(w, below=None):
+    q, s = quantize_128x128_ref(w, below)
     # clone, not contiguous(): with a size-1 dim the transpose is already contiguous and
     # contiguous() would return an alias, which a custom op must not.
     fmt = torch.contiguous_format
@@ -505,6 +526,21 @@ def _check_weight(w, op):
     require(w.dim() in (2, 3), op, f"weight must be 2-D or 3-D, got shape {tuple(w.shape)}")
     require_dtype(w, HIGH, op, "weight")
     require(w.is_contiguous(), op, f"weight must be contiguous, got strides {tuple(w.stride())}")
+
+
+def _check_below(w, below, op):
+    if below is None:
+        return
+    _check_weight(below, op)
+    require(below.dtype == w.dtype and below.device == w.device, op,
+            f"below must have w's dtype and device, got {below.dtype} on {below.device} and "
+            f"{w.dtype} on {w.device}")
+    require(below.dim() == w.dim() and below.shape[:-2] == w.shape[:-2]
+            and below.shape[-1] == w.shape[-1], op,
+            f"below must match w but in dim -2, got {tuple(below.shape)} and {tuple(w.shape)}")
+    require(w.shape[-2] % TILE == 0, op,
+            f"w's dim -2 ({w.shape[-2]}) must be a multiple of {TILE} when below is given, so "
+            "that no block spans both weights")
 
 
 def _check_fp8(q, s, op, scale_shape):
@@ -571,16 +607,29 @@ def _(q, s, offs=None, out_dtype=torch.float32):
 
 
 @torch.library.custom_op("fp8flow::quantize_128x128", mutates_args=())
-def quantize_128x128(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """128x128 block quantization of a weight [N, K] or per-expert weights [E, N, K]."""
+def quantize_128x128(w: torch.Tensor, below: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 block quantization of a weight [N, K] or per-expert weights [E, N, K].
+
+    below: a second weight [.., N2, K] whose rows follow w's; the result is that of
+    cat([w, below], -2), read from the two tensors (w's N a multiple of 128, so that no block
+    spans both)."""
     _check_weight(w, "quantize_128x128")
-    return (quantize_128x128_triton if use_triton(w) else quantize_128x128_ref)(w)
+    _check_below(w, below, "quantize_128x128")
+    if use_triton(w):
+        return quantize_128x128_triton(w, below=below)
+    return quantize_128x128_ref(w, below)
+
+
+def _stacked_shape(w, below):
+    *lead, N, K = w.shape
+    return lead, N + (0 if below is None else below.shape[-2]), K
 
 
 @quantize_128x128.register_fake
-def _(w):
-    *lead, N, K = w.shape
-    return (w.new_empty(w.shape, dtype=FP8),
+def _(w, below=None):
+    lead, N, K = _stacked_shape(w, below)
+    return (w.new_empty(*lead, N, K, dtype=FP8),
             w.new_empty(*lead, cdiv(N, TILE), cdiv(K, TILE), dtype=torch.float32))
 
 
@@ -601,18 +650,25 @@ def _(q, s, out_dtype=torch.float32):
 
 
 @torch.library.custom_op("fp8flow::quantize_128x128_dual", mutates_args=())
-def quantize_128x128_dual(w: torch.Tensor
+def quantize_128x128_dual(w: torch.Tensor, below: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """128x128 block quantization in both orientations from one read of the weight:
     (q [.., N, K], s [.., N/128, K/128], qT [.., K, N], sT [.., K/128, N/128]); qT holds the same
-    bytes as q, transposed, for GEMMs that contract N (dgrad)."""
+    bytes as q, transposed, for GEMMs that contract N (dgrad).
+
+    below: as for quantize_128x128, a second weight whose rows follow w's (N = N1 + N2): the
+    forms of cat([w, below], -2) without that concatenation (gate and up projections kept as
+    two weights, quantized for one GEMM over both)."""
     _check_weight(w, "quantize_128x128_dual")
-    return (quantize_128x128_dual_triton if use_triton(w) else quantize_128x128_dual_ref)(w)
+    _check_below(w, below, "quantize_128x128_dual")
+    if use_triton(w):
+        return quantize_128x128_dual_triton(w, below)
+    return quantize_128x128_dual_ref(w, below)
 
 
 @quantize_128x128_dual.register_fake
-def _(w):
-    *lead, N, K = w.shape
+def _(w, below=None):
+    lead, N, K = _stacked_shape(w, below)
     nb, kb = cdiv(N, TILE), cdiv(K, TILE)
-    return (w.new_empty(w.shape, dtype=FP8), w.new_empty(*lead, nb, kb, dtype=torch.float32),
+    return (w.new_empty(*lead, N, K, dtype=FP8), w.new_empty(*lead, nb, kb, dtype=torch.float32),
             w.new_empty(*lead, K, N, dtype=FP8), w.new_empty(*lead, kb, nb, dtype=torch.float32))

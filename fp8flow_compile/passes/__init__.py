@@ -6,7 +6,8 @@ the SwiGLU input in FP8) -> flow_combine (the MoE combine's scatter-adds, no cas
 flow_probs (the routing weight moves into the SwiGLU; the FC2 output gradient is gathered in FP8) ->
 flow_gather (transposes of gathered rows read them through the gather's index) ->
 flow_recompute (the backward gathers FP8 rows again rather than keeping them) -> block_scales
-(the wgrads read the transposes' scales as 128x128 blocks); with the flow or
+(the wgrads read the transposes' scales as 128x128 blocks) -> merge_gate_up (gate and up
+weights of their own: one FC1 GEMM over both, as for a stacked weight); with the flow or
 without, schedule (the forward issues the weight quantization while the host catches up), and
 with the option `cache_weights`, cache_weights last (weight GEMMs read FP8 weights kept across
 calls; after the cast counts, which still count the weight quantization).
@@ -33,12 +34,13 @@ from . import (
     flow_reuse,
     flow_save,
     insert_qdq,
+    merge_gate_up,
     schedule,
 )
 from .graph import Ctx, backward_nodes
 
 FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_save, flow_combine, flow_probs,
-        flow_gather, flow_recompute, block_scales)
+        flow_gather, flow_recompute, block_scales, merge_gate_up)
 
 
 def _phase_counts(gm: fx.GraphModule, bwd: set) -> dict[str, dict[str, int]]:

@@ -66,6 +66,10 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
         w = q.args[0]
         is_param, pname = ctx.params.get(w.name, (False, ""))
         name = pname or str(w)
+        if given_args(q).get("below") is not None:
+            ctx.log.append(f"cache_weights: {name} is quantized with another weight below it; "
+                           "quantized every call")
+            continue
         if not (w.op == "placeholder" and is_param):
             ctx.log.append(f"cache_weights: {name} is not a parameter; quantized every call")
             continue

@@ -26,8 +26,8 @@ def casts(gm: fx.GraphModule, nodes: set | None = None) -> dict[str, int]:
             continue
         if n.target in ACT:
             c["act"] += 1
-        elif n.target in WEIGHT:
-            c["weight"] += 1
+        elif n.target in WEIGHT:  # one per weight (`below`: two weights in one pass)
+            c["weight"] += 1 if len(n.args) < 2 and n.kwargs.get("below") is None else 2
         elif n.target in DEQ:
             c["dequant"] += 1
         elif getattr(n.target, "namespace", None) == "fp8flow":
