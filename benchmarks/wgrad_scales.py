@@ -12,6 +12,13 @@ both, on the same operands, with each output checked bit for bit against the per
   scales in blocks, balanced and skewed routing.
 
     python benchmarks/wgrad_scales.py [--shapes dsv3,mixtral]
+    python benchmarks/wgrad_scales.py --halves   # one FC1 wgrad against two over its row halves
+
+`--halves` measures instead what gate and up as weights of their own cost the FC1 weight
+gradient (passes/merge_gate_up.py keeps two wgrads there, one per parameter): the grouped op
+over dh^T [2I, P] against two over its row halves [I, P], b in blocks, bf16 output as in the
+layer, balanced routing; each timed with do_bench and back to back for 3 s after 1 s (the board
+at its power limit), the halves' outputs checked bit for bit against the one op's.
 
 Needs a CUDA device with cuBLAS's blockwise FP8 GEMMs (Hopper).
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -120,9 +128,61 @@ def grouped_rates(name, dims, routing, dev, gen, rows):
               flush=True)
 
 
+def sustained_ms(fn, secs: float = 3.0, settle: float = 1.0) -> float:
+    """Mean time per call, calls back to back for `secs` after `settle` seconds of them."""
+    t0 = time.time()
+    while time.time() - t0 < settle:
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    n = 0
+    start.record()
+    t0 = time.time()
+    while time.time() - t0 < secs:
+        fn()
+        n += 1
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def halves_rates(name, dims, dev, gen, rows):
+    T_, H, I, E, k = dims
+    P = T_ * k
+    offs = group_ends(P, E, "balanced", gen)
+    pa = GR.pad_offsets(offs, 16).to(dev)
+    oh = ops.offsets_to_host(pa)
+    aT, aTs = transposed(P, 2 * I, offs, gen, dev)
+    bT, bTs = transposed(P, H, offs, gen, dev)
+    bTb = bTs[::TILE].contiguous()
+    halves = [(aT[:I], aTs[:I]), (aT[I:], aTs[I:])]
+
+    def one():
+        return ops.grouped_gemm_fp8_wgrad(aT, aTs, bT, bTb, pa, torch.bfloat16, oh)
+
+    def two():
+        return [ops.grouped_gemm_fp8_wgrad(q, s, bT, bTb, pa, torch.bfloat16, oh)
+                for q, s in halves]
+
+    r1, r2 = one(), two()
+    if not (torch.equal(r1[:, :I], r2[0]) and torch.equal(r1[:, I:], r2[1])):
+        raise SystemExit(f"{name}: the halves' wgrads differ from the one op's rows")
+    flops = 2 * P * 2 * I * H
+    for label, fn in (("one op, M = 2I", one), ("two ops, M = I", two),
+                      ("one op, M = 2I", one), ("two ops, M = I", two)):
+        ms, sus = bench_ms(fn, rep_ms=1500), sustained_ms(fn)
+        rows.append((name, f"balanced FC1 wgrad, {label}", "b blocks, sustained", sus,
+                     flops / sus / 1e9))
+        print(f"{name} FC1 wgrad {label}: do_bench {ms:.3f} ms, sustained {sus:.3f} ms "
+              f"({flops / sus / 1e9:.0f} TFLOP/s); halves the same bits as the one op",
+              flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--halves", action="store_true",
+                   help="one FC1 wgrad against two over its row halves (see the docstring)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("wgrad_scales.py needs a CUDA device (cuBLAS blockwise FP8, Hopper)")
@@ -135,6 +195,9 @@ def main():
     gen = torch.Generator().manual_seed(0)
     rows: list[tuple] = []
     for name in args.shapes.split(","):
+        if args.halves:
+            halves_rates(name, SHAPES[name], dev, gen, rows)
+            continue
         T_, H, I, E, k = SHAPES[name]
         Pg = T_ * k // E
         dense_rates(name, 2 * I, H, Pg, dev, gen, rows)
