@@ -14,11 +14,13 @@ import copy
 import pytest
 import torch
 from test_backend import FP8_REL, compiled, fwd_bwd, rel
-from test_flow_fuse import DenseMLP
+from test_flow_fuse import DenseMLP, TwoGemms
 
 import fp8flow_compile as ff
 from fp8flow_compile.errors import Fp8Unsupported
 from fp8flow_compile.kernels import quantize as Q
+from fp8flow_compile.passes import insert_qdq
+from fp8flow_compile.passes.graph import val
 
 ops = torch.ops.fp8flow
 
@@ -57,9 +59,9 @@ def test_quantize_with_below_rejects_what_it_cannot_stack():
         ops.quantize_128x128_dual(w, w.float())
 
 
-def _layer(layout, options):
+def _layer(layout, options, dims=(64, 256, 128, 4, 2)):
     from benchmarks.moe_layer import RoutedMoE, build, grad_w13, make_routing
-    T, H, I, E, k = dims = (64, 256, 128, 4, 2)
+    T, H, I, E, k = dims
     g = torch.Generator().manual_seed(0)
     topw, topi, _ = make_routing("skewed", T, E, k, 16, 0, "cpu")
     w13 = torch.randn(E, 2 * I, H, generator=g) * H ** -0.5
@@ -111,6 +113,72 @@ def test_separate_gate_and_up_run_as_the_stacked_layer():
     # the two dgrads summed in the scatter round each to BF16 first: close, not equal
     assert rel(apart[1], stacked[1]) < 2 ** -7, rel(apart[1], stacked[1])
     assert torch.equal(apart[0], stacked[0]) and torch.equal(apart[2], stacked[2])
+
+
+def test_merged_gemms_get_the_host_copy_of_the_group_ends(monkeypatch):
+    """A GEMM twice as wide as the halves may run as cuBLAS calls per group where the halves
+    would not (insert_qdq asked for each half): the merged forward GEMM and dgrad then read the
+    group ends from the host copy, not through a device sync per call."""
+    T, H, I, E, k = dims = (64, 384, 128, 4, 2)
+
+    def only_merged(kind, a, b, offs):  # stands in for the size rule of the cuBLAS path
+        return kind == "grouped" and 2 * I in val(b).shape
+
+    monkeypatch.setattr(insert_qdq, "may_loop_on_host", only_merged)
+    merged, (rec, _) = _layer("separate", {}, dims)
+    gm = rec.graphs["after"]
+    fc1 = [n for n in gm.graph.nodes if n.target is ops.grouped_gemm_fp8.default
+           and 2 * I in val(n.args[2]).shape]
+    assert len(fc1) == 2, [n.name for n in fc1]  # the forward GEMM and the dgrad
+    for n in fc1:
+        oh = n.args[7] if len(n.args) > 7 else n.kwargs.get("offs_host")
+        assert oh is not None and oh.target is ops.offsets_to_host.default, n.format_node()
+    monkeypatch.undo()
+    stacked, _ = _layer("stacked", {}, dims)
+    for name, a, b in zip(("y", "dx", "w13", "w2"), stacked, merged, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("act", ["silu", "swapped_sigmoid", "up_gated"])
+def test_two_gemm_spellings_merge(act):
+    """The SwiGLUs flow_fuse recognises over two GEMMs merge too; with up_gated the gate is the
+    w3 GEMM, so the stacked weight is [w3; w1]. Against the same layer with merge_gate_up off:
+    the forward and the weight gradients are the same bits, the input gradient within BF16
+    rounding (the two dgrads were rounded to BF16 each before their sum)."""
+    torch.manual_seed(0)
+    m = TwoGemms(act)
+    m = m.bfloat16()
+    torch.manual_seed(1)
+    x, gy = torch.randn(80, 256).bfloat16(), torch.randn(80, 256).bfloat16()
+    outs, logs = [], []
+    for on in (True, False):
+        outs.append(fwd_bwd(compiled(copy.deepcopy(m), inner="eager", merge_gate_up=on), x, gy))
+        logs.append([line for r in ff.last_report().records for line in r.log])
+    assert any(line.startswith("merge:") and "one GEMM over both" in line for line in logs[0])
+    assert not any(line.startswith("merge:") for line in logs[1])
+    (y1, dx1, g1), (y2, dx2, g2) = outs
+    assert torch.equal(y1, y2)
+    for n in ("w1", "w3", "w2"):
+        assert torch.equal(g1[n], g2[n]), n
+    assert 0 < rel(dx1, dx2) < 2 ** -7
+
+
+def test_a_frozen_up_weight_keeps_gate_and_up_apart():
+    """Only d_gate's weight gradient is computed: the pattern is not the stacked layer's (one
+    plane has a transpose, the other none); the pass says so and leaves the graph alone."""
+    torch.manual_seed(0)
+    ref = TwoGemms("silu", dtype=torch.float32)
+    bf = copy.deepcopy(ref).bfloat16()
+    for m in (ref, bf):
+        m.w3.requires_grad_(False)
+    torch.manual_seed(1)
+    x, gy = torch.randn(80, 256), torch.randn(80, 256)
+    y32, dx32, g32 = fwd_bwd(ref, x, gy)
+    y, dx, g = fwd_bwd(compiled(bf, inner="eager"), x.bfloat16(), gy.bfloat16())
+    assert "w3" not in g and rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
+    assert rel(g["w1"], g32["w1"]) < FP8_REL
+    log = [line for r in ff.last_report().records for line in r.log]
+    assert any("kept apart: only one of d_gate and d_up" in line for line in log), log
 
 
 def test_cache_weights_keeps_gate_and_up_apart():

@@ -58,11 +58,13 @@ def given_args(n: fx.Node) -> dict:
 
 
 def set_arg(n: fx.Node, name: str, value: Any) -> None:
-    """Replace the argument `name` of the op call n, where it was given (keyword or position)."""
-    if name in n.kwargs:
+    """Replace the argument `name` of the op call n, where it was given (keyword or position);
+    one left at its default is given as a keyword."""
+    i = [a.name for a in n.target._schema.arguments].index(name)
+    if name in n.kwargs or i >= len(n.args):  # a keyword, or left at its default: give it
         n.update_kwarg(name, value)
     else:
-        n.update_arg([a.name for a in n.target._schema.arguments].index(name), value)
+        n.update_arg(i, value)
 
 
 def finish(gm: fx.GraphModule, dead_code: bool = False) -> None:

@@ -94,7 +94,7 @@ def host_offsets(gm: fx.GraphModule, offs: fx.Node, cache: dict) -> fx.Node:
     return cache[offs]
 
 
-def _may_loop_on_host(kind: str, a: fx.Node, b: fx.Node, offs: fx.Node) -> bool:
+def may_loop_on_host(kind: str, a: fx.Node, b: fx.Node, offs: fx.Node) -> bool:
     """Whether the grouped GEMM may run as cuBLAS calls per group (shapes and backend only)."""
     av, bv, ov = val(a), val(b), val(offs)
     groups = size_hint(ov.shape[0])
@@ -129,7 +129,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                     bq, bs = (wq, ws) if transposed else (wqt, wst)
                     if g.kind == "grouped":
                         oh = (host_offsets(gm, g.offs, host)
-                              if _may_loop_on_host("grouped", aq, bq, g.offs) else None)
+                              if may_loop_on_host("grouped", aq, bq, g.offs) else None)
                         new = call(gm, ops.grouped_gemm_fp8.default,
                                    (aq, as_, bq, bs, g.offs, True, out_dtype, oh))
                     else:
@@ -150,7 +150,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
                 if align > 1:
                     offs = padded_offsets(gm, g.offs, align, pads)
                 oh = (host_offsets(gm, offs, host)
-                      if _may_loop_on_host("grouped_wgrad", aq, bq, offs) else None)
+                      if may_loop_on_host("grouped_wgrad", aq, bq, offs) else None)
                 new = call(gm, ops.grouped_gemm_fp8_wgrad.default,
                            (aq, as_, bq, bs, offs, out_dtype, oh))
         new.meta["fp8flow"] = {"role": "gemm", "replaces": n.name}

@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from ..recipe import TILE
+from . import insert_qdq
 from .graph import Ctx, call, call_multi, finish, given_args, set_arg, val
 
 ops = torch.ops.fp8flow
@@ -190,7 +191,9 @@ def _merge(gm: fx.GraphModule, ctx: Ctx, sw: fx.Node) -> str:
                 raise _Skip("the two dgrads are not read by one node only")
             if combine.target is ops.index_add_rows.default:
                 gc = given_args(combine)
-                if views[0] or views[1] or {gc["src"], gc.get("src2")} != set(ends):
+                # with a row weight the op adds weight * src + src2: not the weighted sum
+                if views[0] or views[1] or {gc["src"], gc.get("src2")} != set(ends) or \
+                        gc.get("weight") is not None:
                     raise _Skip(f"{combine.name} does not add the two dgrads as its terms")
             elif combine.target is aten.add.Tensor:
                 if set(combine.args[:2]) != set(ends) or len(combine.args) > 2 or \
@@ -206,10 +209,12 @@ def _merge(gm: fx.GraphModule, ctx: Ctx, sw: fx.Node) -> str:
     # -------- rewrite
     graph = gm.graph
     order = _order(gm)
-    with graph.inserting_before(min((q1, q3), key=order.__getitem__)):
+    # before the later of the two: both weights are defined there
+    with graph.inserting_before(max((q1, q3), key=order.__getitem__)):
         qs = call_multi(gm, q1.target, (w1, w3), len(val(q1)), name=f"q_{w1.name}_{w3.name}")
     with graph.inserting_before(sw):
         h = _call_like(gm, gate, {"b_q": qs[0], "b_s": qs[1]}, f"gate_up_{gate.name}")
+        _host_offsets(gm, h)
         _rebuild(gm, sw, {"h": h, "up": None})
     for g in ctx.gemms:
         if g.node in (gate, up):
@@ -230,6 +235,7 @@ def _merge(gm: fx.GraphModule, ctx: Ctx, sw: fx.Node) -> str:
             with graph.inserting_before(combine):
                 d = _call_like(gm, d0[0], {"a_q": dq, "a_s": ds, "b_q": qs[2], "b_s": qs[3]},
                                f"dgrad_{h.name}")
+                _host_offsets(gm, d)
             for g in ctx.gemms:
                 if g.node in (d0[0], d1[0]):
                     g.node = d
@@ -288,6 +294,21 @@ def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
 
 def _pname(ctx: Ctx, w: fx.Node) -> str:
     return ctx.params.get(w.name, (False, ""))[1] or w.name
+
+
+def _host_offsets(gm: fx.GraphModule, n: fx.Node) -> None:
+    """Give the grouped GEMM n the host copy of its group ends where, at its width, it may run
+    as cuBLAS calls per group (insert_qdq decided that for each half-width GEMM; without the
+    copy such a call would wait for the device to read the group ends)."""
+    if n.target is not ops.grouped_gemm_fp8.default:
+        return
+    given = given_args(n)
+    offs = given["offs"]
+    if given.get("offs_host") is not None or \
+            not insert_qdq.may_loop_on_host("grouped", given["a_q"], given["b_q"], offs):
+        return
+    cache = {u.args[0]: u for u in offs.users if u.target is ops.offsets_to_host.default}
+    set_arg(n, "offs_host", insert_qdq.host_offsets(gm, offs, cache))
 
 
 def _call_like(gm: fx.GraphModule, n: fx.Node, change: dict, name: str) -> fx.Node:
