@@ -119,6 +119,8 @@ def _merge(gm: fx.GraphModule, ctx: Ctx, sw: fx.Node) -> str:
     for g in (gate, up):
         if not isinstance(g, fx.Node) or g.target not in _GEMMS:
             raise _Skip(f"{getattr(g, 'name', g)} is not an FP8 GEMM")
+    if gate is up:
+        raise _Skip("gate and up are one GEMM's output")
     if not _same_but(gate, up, ("b_q", "b_s")):
         raise _Skip("the two GEMMs differ in input, groups or output type")
     q1, q3 = _weight_quant(gate), _weight_quant(up)
