@@ -390,16 +390,24 @@ class DenseMLP(torch.nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def test_dense_mlp_on_3d_activations_reaches_two_casts():
+def dense_against_fp32(cls, **options):
+    """A dense MLP of class cls compiled in BF16 (eager inner) against its float32 self on
+    [2, 40, 256] inputs: output, input and weight gradients within the FP8 tolerance.
+    Returns the compiled run's (y, dx, grads) and the inputs (x, gy)."""
     torch.manual_seed(0)
-    ref = DenseMLP()
+    ref = cls()
     bf = copy.deepcopy(ref).bfloat16()
     x, gy = torch.randn(2, 40, 256), torch.randn(2, 40, 256)
     y32, dx32, g32 = fwd_bwd(ref, x, gy)
-    y, dx, g = fwd_bwd(compiled(bf, inner="eager"), x.bfloat16(), gy.bfloat16())
+    y, dx, g = fwd_bwd(compiled(bf, inner="eager", **options), x.bfloat16(), gy.bfloat16())
     assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
     for n in g32:
         assert rel(g[n], g32[n]) < FP8_REL, n
+    return (y, dx, g), (x, gy)
+
+
+def test_dense_mlp_on_3d_activations_reaches_two_casts():
+    dense_against_fp32(DenseMLP)
     rep = ff.last_report()
     s = rep.summary()
     # the input in forward, the output gradient in backward; SwiGLU output and d_gate / d_up
@@ -427,18 +435,7 @@ class WeightedDenseMLP(DenseMLP):
 
 def test_dense_mlp_with_a_3d_row_weight():
     """The row weight reaches the fused ops as one value per row, [B*S], whatever its view."""
-    torch.manual_seed(0)
-    ref = WeightedDenseMLP()
-    bf = copy.deepcopy(ref).bfloat16()
-    x, gy = torch.randn(2, 40, 256), torch.randn(2, 40, 256)
-    y32, dx32, g32 = fwd_bwd(ref, x, gy)
-    c = torch.compile(bf, backend="fp8flow", options={"inner": "eager", "exclude": ["score"]})
-    torch._dynamo.reset()
-    ff.last_report().records.clear()
-    y, dx, g = fwd_bwd(c, x.bfloat16(), gy.bfloat16())
-    assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
-    for n in g32:
-        assert rel(g[n], g32[n]) < FP8_REL, n
+    dense_against_fp32(WeightedDenseMLP, exclude=["score"])
     log = "\n".join(ff.last_report().records[0].log)
     assert "-> swiglu_quant\n" in log + "\n" and "(split), plane 0" in log, log
 

@@ -13,8 +13,8 @@ import copy
 
 import pytest
 import torch
-from test_backend import FP8_REL, compiled, fwd_bwd, rel
-from test_flow_fuse import DenseMLP, TwoGemms
+from test_backend import FP8_REL, _after_graph, compiled, fwd_bwd, rel
+from test_flow_fuse import DenseMLP, TwoGemms, dense_against_fp32
 
 import fp8flow_compile as ff
 from fp8flow_compile.errors import Fp8Unsupported
@@ -71,14 +71,7 @@ def _layer(layout, options, dims=(64, 256, 128, 4, 2)):
     y, dx, _ = fwd_bwd(compiled(m, inner="eager", **options), x.bfloat16(), dy.bfloat16())
     # the report object is cleared by the next compile: keep what the tests read
     rep = ff.last_report()
-    return (y, dx, grad_w13(m), m.w2.grad), (_expert_graph(rep), rep.summary())
-
-
-def _expert_graph(rep):
-    for r in rep.records:
-        if any(n.target is ops.index_add_rows.default for n in r.graphs["after"].graph.nodes):
-            return r
-    raise AssertionError("no graph with the experts")
+    return (y, dx, grad_w13(m), m.w2.grad), (_after_graph()[0], rep.summary())
 
 
 def _count(gm, op):
@@ -190,15 +183,7 @@ def test_cache_weights_keeps_gate_and_up_apart():
 
 
 def test_dense_mlp_gate_and_up_merge():
-    torch.manual_seed(0)
-    ref = DenseMLP()
-    bf = copy.deepcopy(ref).bfloat16()
-    x, gy = torch.randn(2, 40, 256), torch.randn(2, 40, 256)
-    y32, dx32, g32 = fwd_bwd(ref, x, gy)
-    y, dx, g = fwd_bwd(compiled(bf, inner="eager"), x.bfloat16(), gy.bfloat16())
-    assert rel(y, y32) < FP8_REL and rel(dx, dx32) < FP8_REL
-    for n in g32:
-        assert rel(g[n], g32[n]) < FP8_REL, n
+    (y, dx, g), (x, gy) = dense_against_fp32(DenseMLP)
     rec = ff.last_report().records[0]
     gm = rec.graphs["after"]
     assert any("merge:" in line and "one dgrad" in line for line in rec.log), rec.log
@@ -208,8 +193,9 @@ def test_dense_mlp_gate_and_up_merge():
     assert _count(gm, ops.gemm_fp8_wgrad.default) == 3
     assert _count(gm, torch.ops.aten.add.Tensor) == 0
     # against the same MLP with the two GEMMs kept: the forward is the same bytes
-    y2, dx2, g2 = fwd_bwd(compiled(copy.deepcopy(ref).bfloat16(), inner="eager",
-                                   merge_gate_up=False), x.bfloat16(), gy.bfloat16())
+    torch.manual_seed(0)
+    y2, dx2, g2 = fwd_bwd(compiled(DenseMLP().bfloat16(), inner="eager", merge_gate_up=False),
+                          x.bfloat16(), gy.bfloat16())
     assert torch.equal(y, y2)
     assert torch.equal(g["gate_proj.weight"], g2["gate_proj.weight"])
     assert torch.equal(g["up_proj.weight"], g2["up_proj.weight"])
@@ -232,7 +218,7 @@ def test_gpu_separate_gate_and_up_match_the_stacked_layer():
         # fp8_min_intensity=0: these small GEMMs would stay BF16 by the size rule on CUDA
         y, dx, _ = fwd_bwd(compiled(m, fp8_min_intensity=0), x.bfloat16(), dy.bfloat16())
         out[layout] = (y, dx, grad_w13(m), m.w2.grad)
-        rec = _expert_graph(ff.last_report())
+        rec = _after_graph()[0]
         if layout == "separate":
             assert any("merge:" in line for line in rec.log), rec.log
     # cuBLAS may pick other kernels for the halves' wgrads (other M): same products, fp32
