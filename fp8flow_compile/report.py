@@ -46,6 +46,8 @@ class Report:
     def summary(self) -> dict:
         g8 = sum(1 for r in self.records for g in r.gemms if g["fp8"])
         g16 = sum(1 for r in self.records for g in r.gemms if not g["fp8"])
+        # GEMMs merged into one call (merge_gate_up) share the call's node name
+        calls8 = sum(len({g["name"] for g in r.gemms if g["fp8"]}) for r in self.records)
         saved = {k: sum(sum(r.saved_bytes.get(k, {}).values()) for r in self.records)
                  for k in ("bf16_baseline", "fp8flow", "bf16_baseline_weights",
                            "fp8flow_weights")}
@@ -53,6 +55,7 @@ class Report:
             "graphs": len(self.records),
             "gemms_fp8": g8,
             "gemms_bf16": g16,
+            "gemm_calls_fp8": calls8,
             "casts_before": sum(_act(r.casts_naive) for r in self.records),
             "casts_after": sum(_act(r.casts_after) for r in self.records),
             "weight_casts": sum(v.get("weight", 0) for r in self.records
@@ -95,7 +98,9 @@ class Report:
                                f"{_fmt(sb['fp8flow_weights'])}")
             out.extend(f"   {m}" for m in r.log)
         s = self.summary()
-        out.append(f"== total: {s['gemms_fp8']} GEMMs in FP8, {s['gemms_bf16']} in BF16; "
+        calls = (f" (run as {s['gemm_calls_fp8']} calls)"
+                 if s["gemm_calls_fp8"] != s["gemms_fp8"] else "")
+        out.append(f"== total: {s['gemms_fp8']} GEMMs in FP8{calls}, {s['gemms_bf16']} in BF16; "
                    f"activation/gradient casts {s['casts_before']} -> {s['casts_after']}")
         return "\n".join(out)
 

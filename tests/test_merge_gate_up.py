@@ -71,7 +71,8 @@ def _layer(layout, options, dims=(64, 256, 128, 4, 2)):
     y, dx, _ = fwd_bwd(compiled(m, inner="eager", **options), x.bfloat16(), dy.bfloat16())
     # the report object is cleared by the next compile: keep what the tests read
     rep = ff.last_report()
-    return (y, dx, grad_w13(m), m.w2.grad), (_after_graph()[0], rep.summary())
+    return (y, dx, grad_w13(m), m.w2.grad), (_after_graph()[0],
+                                               {**rep.summary(), "text": str(rep)})
 
 
 def _count(gm, op):
@@ -81,7 +82,7 @@ def _count(gm, op):
 def test_separate_gate_and_up_run_as_the_stacked_layer():
     stacked, (rec_s, _) = _layer("stacked", {})
     merged, (rec, s) = _layer("separate", {})
-    apart, (rec_a, _) = _layer("separate", {"merge_gate_up": False})
+    apart, (rec_a, s_a) = _layer("separate", {"merge_gate_up": False})
     gm = rec.graphs["after"]
     log = "\n".join(rec.log)
     assert "merge:" in log and "one GEMM over both" in log and "kept apart" not in log, log
@@ -98,6 +99,10 @@ def test_separate_gate_and_up_run_as_the_stacked_layer():
     adds = [n for n in gm.graph.nodes if n.target is ops.index_add_rows.default]
     assert all(n.kwargs.get("src2") is None for n in adds)  # one dgrad: no second term
     assert s["casts_after"] == 2 and s["gemms_fp8"] == 9, s
+    # the report keeps one record per GEMM of the model, and counts the calls they run as
+    assert s["gemm_calls_fp8"] == 7 and s_a["gemm_calls_fp8"] == s_a["gemms_fp8"] == 9, s_a
+    assert "9 GEMMs in FP8 (run as 7 calls)" in s["text"], s["text"]
+    assert s["text"].count("one call with") == 4 and "one call with" not in s_a["text"]
     # The stacked layer's graph on the same bytes: forward output, input gradient and w2's
     # gradient are the same ops on the same bytes, bit for bit; w13's gradient is one wgrad
     # there and two over the row halves of the same operand here, the same dot products.

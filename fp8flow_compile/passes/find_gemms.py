@@ -51,11 +51,15 @@ class Gemm:
     fp8: bool = False
     reason: str = ""
     policy: bool = False  # kept in BF16 by policy (router/exclude), inherited by partners
+    # the weight of the GEMM this one runs as one call with (passes/merge_gate_up.py): node
+    # is then the merged call, and its output shape that of both
+    merged_with: str | None = None
 
     def describe(self) -> str:
         shape = "x".join(str(d) for d in val(self.node).shape)
         w = f" weight={self.weight}" if self.weight else ""
-        return f"{self.node.name} ({self.kind}, {self.phase}, out {shape}{w})"
+        m = f", one call with {self.merged_with}'s" if self.merged_with else ""
+        return f"{self.node.name} ({self.kind}, {self.phase}, out {shape}{w}{m})"
 
 
 def _operands(n: fx.Node):

@@ -218,9 +218,7 @@ def _merge(gm: fx.GraphModule, ctx: Ctx, sw: fx.Node) -> str:
         h = _call_like(gm, gate, {"b_q": qs[0], "b_s": qs[1]}, f"gate_up_{gate.name}")
         _host_offsets(gm, h)
         _rebuild(gm, sw, {"h": h, "up": None})
-    for g in ctx.gemms:
-        if g.node in (gate, up):
-            g.node = h
+    _retarget(ctx, (gate, up), h, (_pname(ctx, w1), _pname(ctx, w3)))
     dead = [gate, up, q1, q3, sw]
     if bwd is not None:
         change = {"split": False}
@@ -238,9 +236,7 @@ def _merge(gm: fx.GraphModule, ctx: Ctx, sw: fx.Node) -> str:
                 d = _call_like(gm, d0[0], {"a_q": dq, "a_s": ds, "b_q": qs[2], "b_s": qs[3]},
                                f"dgrad_{h.name}")
                 _host_offsets(gm, d)
-            for g in ctx.gemms:
-                if g.node in (d0[0], d1[0]):
-                    g.node = d
+            _retarget(ctx, (d0[0], d1[0]), d, (_pname(ctx, w1), _pname(ctx, w3)))
             if combine.target is ops.index_add_rows.default:
                 set_arg(combine, "src", d)
                 set_arg(combine, "src2", None)
@@ -296,6 +292,15 @@ def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
 
 def _pname(ctx: Ctx, w: fx.Node) -> str:
     return ctx.params.get(w.name, (False, ""))[1] or w.name
+
+
+def _retarget(ctx: Ctx, pair: tuple[fx.Node, fx.Node], merged: fx.Node,
+              weights: tuple[str, str]) -> None:
+    """The report's records of the two GEMMs name the merged call, each the other's weight."""
+    for g in ctx.gemms:
+        for j in (0, 1):
+            if g.node is pair[j]:
+                g.node, g.merged_with = merged, weights[1 - j]
 
 
 def _host_offsets(gm: fx.GraphModule, n: fx.Node) -> None:
