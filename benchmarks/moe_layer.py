@@ -26,6 +26,10 @@ Variants (keys for `--variants`):
 - ``fp8flow_triton`` "fp8flow triton GEMMs": the same with every FP8 GEMM forced onto the Triton
   kernels (`set_gemm_backend("triton")`), where the default picks cuBLAS per group at large
   groups (see fp8flow_compile/kernels/cublas.py).
+- ``fp8flow_cublas`` "fp8flow, cuBLAS loop": the same with DeepGEMM off
+  (`kernels.deepgemm.set_enabled(False)`): where DeepGEMM is installed, the default runs the
+  grouped fprop and dgrad through it when every expert group starts on a multiple of 128 rows
+  (balanced loads here; `--align 128` for skewed ones), this variant through the cuBLAS loop.
 - ``fp8_hand``       "fp8 hand-wired": the routed experts through
   `fp8flow_compile.flow.moe_experts_fp8_flow`, the target of the rewrite, run eagerly.
 - ``torchao_fp8``    "torchao fp8 rowwise": torchao's MoE training prototype (its tensor subclass
@@ -146,6 +150,7 @@ import fp8flow_compile as ff  # noqa: E402
 from benchmarks.common import idle_gaps  # noqa: E402
 from examples.moe import MoE  # noqa: E402
 from examples.quickstart import FlowMoE  # noqa: E402
+from fp8flow_compile.kernels import deepgemm  # noqa: E402
 from fp8flow_compile.kernels.cublas import gemm_backend, set_gemm_backend  # noqa: E402
 
 # name: (T, H, I, E, top_k)
@@ -173,6 +178,7 @@ VARIANTS = {
     "fp8flow_rowscales": "fp8flow, per-row wgrad",
     "fp8flow_apart": "fp8flow, gate/up apart",
     "fp8flow_triton": "fp8flow triton GEMMs",
+    "fp8flow_cublas": "fp8flow, cuBLAS loop",
     "fp8_hand": "fp8 hand-wired",
     "torchao_fp8": "torchao fp8 rowwise",
     "torchao_fp8_eager": "torchao fp8 rowwise eager",
@@ -180,7 +186,7 @@ VARIANTS = {
 BASELINE = "bf16_compiled"
 TIMINGS = ("sustained", "interleaved", "sequential")
 FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_bf16h", "fp8flow_cached",
-                "fp8flow_rowscales", "fp8flow_apart", "fp8flow_triton")
+                "fp8flow_rowscales", "fp8flow_apart", "fp8flow_triton", "fp8flow_cublas")
 ZIPF_S = 1.2
 MIB = 1 << 20
 
@@ -603,10 +609,14 @@ def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
     `sustained_ms` or `interleaved_ms`, its compiled code kept. Otherwise it is timed here,
     alone, and its model, compiled code and gradients are freed before this returns."""
     row: dict = {"variant": key, "name": VARIANTS[key]}
-    before = gemm_backend()
+    before = _kernel_settings()
     if key == "fp8flow_triton":
         set_gemm_backend("triton")
+    if key == "fp8flow_cublas":
+        deepgemm.set_enabled(False)
     row["gemm_backend"] = gemm_backend()
+    row["deepgemm"] = deepgemm.enabled() and deepgemm.installed() is not None
+    mine = _kernel_settings()
     timed = None
     try:
         timed = _measure(row, key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev)
@@ -616,21 +626,31 @@ def run_variant(key, dims, w13, w2, topw, topi, loads, x, dy, ref, args, dev
         row["error"] = f"{type(e).__name__}: {e}"
         row["traceback"] = traceback.format_exc(limit=-6)
     finally:
-        set_gemm_backend(before)
+        _set_kernel_settings(before)
     free(dev, reset=args.timing == "sequential")
-    if timed is not None and row["gemm_backend"] != before:
-        timed.step = _on_backend(row["gemm_backend"], timed.step)
+    if timed is not None and mine != before:
+        timed.step = _on_settings(mine, timed.step)
     return row, timed
 
 
-def _on_backend(name: str, step: Callable[[], None]) -> Callable[[], None]:
+def _kernel_settings() -> tuple[str, bool]:
+    """The run-time kernel choices a variant may change: the GEMM backend, DeepGEMM on/off."""
+    return gemm_backend(), deepgemm.enabled()
+
+
+def _set_kernel_settings(settings: tuple[str, bool]) -> None:
+    set_gemm_backend(settings[0])
+    deepgemm.set_enabled(settings[1])
+
+
+def _on_settings(settings: tuple[str, bool], step: Callable[[], None]) -> Callable[[], None]:
     def run():
-        before = gemm_backend()
-        set_gemm_backend(name)
+        before = _kernel_settings()
+        _set_kernel_settings(settings)
         try:
             step()
         finally:
-            set_gemm_backend(before)
+            _set_kernel_settings(before)
     return run
 
 
@@ -945,6 +965,9 @@ def env_info(dev) -> dict:
     }
     ok, why = torchao_status()
     info["torchao"] = why if ok else None
+    # the grouped fprop/dgrad go to DeepGEMM where it is installed and the groups start on
+    # multiples of 128 rows (kernels/deepgemm.py); "fp8flow_cublas" keeps the cuBLAS loop
+    info["deepgemm"] = deepgemm.installed()
     if dev.type == "cuda":
         info["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info

@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 
 from ..recipe import TILE
-from . import cublaslt
+from . import cublaslt, deepgemm
 from .common import expand_block_scales, is_block_scaled
 from .groups import cdiv
 
@@ -221,14 +221,23 @@ def _host_bounds(offs: torch.Tensor, length: int, offs_host: torch.Tensor | None
     `host_copy` is read once its event has completed; a CPU copy without that event, made from
     a CUDA offs, is read after a synchronize of the current stream (it may come from a
     non-blocking copy whose end nothing else marks)."""
+    return _clamped(_host_ends(offs, offs_host), length)
+
+
+def _host_ends(offs: torch.Tensor, offs_host: torch.Tensor | None) -> list[int]:
+    """The group ends as given (unclamped), on the host: see _host_bounds."""
     if offs_host is not None:
         ready = getattr(offs_host, "_fp8flow_ready", None)
         if ready is not None:
             ready.synchronize()
         elif offs.is_cuda:
             torch.cuda.current_stream(offs.device).synchronize()
+    return (offs if offs_host is None else offs_host).tolist()
+
+
+def _clamped(ends: list[int], length: int) -> list[tuple[int, int]]:
     bounds, start = [], 0
-    for end in (offs if offs_host is None else offs_host).tolist():
+    for end in ends:
         end = min(max(end, start), length)
         bounds.append((start, end))
         start = end
@@ -403,10 +412,16 @@ def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable | None = No
     out = torch.empty(M, b_q.shape[1], dtype=out_dtype, device=a_q.device)
     if a_q.shape[1] == 0:
         return out.zero_()
-    bounds = _host_bounds(offs, M, offs_host)
+    ends = _host_ends(offs, offs_host)
+    bounds = _clamped(ends, M)
     used = bounds[-1][1]
     if used == 0:
         return out.zero_()
+    # one DeepGEMM call for all groups where it is installed and reads this layout
+    if dense is None and deepgemm.fits(a_q, b_q, b_s, out_dtype, ends, M) and \
+            deepgemm.grouped_fwd(a_q, a_s, b_q, b_s, offs, out):
+        out[used:].zero_()
+        return out
     sizes = [e - s for s, e in bounds]
     rows = [cdiv(m, ROW_ALIGN) * ROW_ALIGN for m in sizes]
     dense = dense or _dense("fwd", a_q.device, out_dtype)
