@@ -30,6 +30,7 @@ from benchmarks.common import env_line  # noqa: E402
 from benchmarks.moe_layer import Telemetry  # noqa: E402
 from benchmarks.power import sustained  # noqa: E402
 from fp8flow_compile.kernels import cublas as CB  # noqa: E402
+from fp8flow_compile.kernels import gemm as G  # noqa: E402
 
 ops = torch.ops.fp8flow
 bf = torch.bfloat16
@@ -37,16 +38,6 @@ dev = "cuda"
 BLOCK_S = float(os.environ.get("BLOCK_S", 5))
 SETTLE_S = float(os.environ.get("SETTLE_S", 2))
 REST_S = 1.5
-
-
-def deq_rows(q, s):
-    K = q.shape[-1]
-    return q.float() * s.repeat_interleave(128, dim=-1)[..., :K]
-
-
-def deq_blocks(q, s):
-    N, K = q.shape[-2:]
-    return q.float() * s.repeat_interleave(128, -2)[..., :N, :].repeat_interleave(128, -1)[..., :K]
 
 
 def main():
@@ -121,7 +112,7 @@ def main():
             o1 = ours()
             # fp32 reference on the first group's rows
             r = slice(0, per)
-            ref = deq_rows(aq[r], as_[r]) @ deq_blocks(bq[0], bs[0]).t()
+            ref = G.gemm_fp8_ref(aq[r], as_[r], bq[0], bs[0], True, torch.float32)
             e1 = ((o1[r].float() - ref).norm() / ref.norm()).item()
             e2 = ((o2[r].float() - ref).norm() / ref.norm()).item()
             e12 = ((o1.float() - o2.float()).norm() / o1.float().norm()).item()
