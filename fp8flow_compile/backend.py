@@ -32,6 +32,11 @@ Options:
   their own (torchtitan's w1 / w3, a Llama MLP's gate_proj / up_proj) runs its FC1 GEMMs as one
   over both weights, forward and dgrad, as for a stacked weight (passes/merge_gate_up.py). False
   keeps two GEMMs each, for comparisons. Not applied with ``cache_weights``.
+- ``align_groups`` ("auto" | int, default "auto"): lay the expert rows out with every group
+  starting on a multiple of this many rows (zero rows between groups), so that DeepGEMM's
+  grouped GEMM, which needs 128, runs whatever loads the router gives the experts
+  (passes/align_groups.py). "auto": 128 where DeepGEMM is installed and takes the layer's
+  GEMMs, else nothing; 0 never. The same results bit for bit.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ log = logging.getLogger(__name__)
 _LAST = Report()
 _KNOWN = {"flow", "inner", "fp8_router", "include", "exclude", "fp8_min_intensity",
           "fp8_swiglu_input", "probs_in_swiglu", "cache_weights", "block_scales",
-          "merge_gate_up"}
+          "merge_gate_up", "align_groups"}
 
 
 def last_report() -> Report:
@@ -135,6 +140,10 @@ def fp8flow(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None 
     mi = options.get("fp8_min_intensity")
     if mi is not None and (isinstance(mi, bool) or not isinstance(mi, (int, float)) or mi < 0):
         raise ValueError(f"fp8flow: options['fp8_min_intensity'] must be a number >= 0, got {mi!r}")
+    ag = options.get("align_groups", "auto")
+    if ag != "auto" and (not isinstance(ag, (bool, int)) or ag < 0):
+        raise ValueError(f"fp8flow: options['align_groups'] must be 'auto' or an int >= 0, "
+                         f"got {ag!r}")
     inner = options.get("inner", "inductor")
     if inner not in ("inductor", "eager"):
         raise ValueError(f"fp8flow: options['inner'] must be 'inductor' or 'eager', got {inner}")

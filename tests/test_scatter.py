@@ -182,6 +182,42 @@ def test_second_term_is_added_in_fp32_per_row(dtype):
         ops.index_add_rows(None, idx, src, None, T, src2=src2[:3])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_src_row_reads_the_rows_through_an_index(dtype):
+    """src_row: the sum over rows i of src[src_row[i]] (zero where src_row[i] < 0) equals the
+    sum over the gathered rows, bit for bit, in the reference and the kernel, with a plan and
+    src2; the weight stays one per index entry."""
+    T, H, N = 6, 260, 17
+    g = torch.Generator().manual_seed(11)
+    b, idx, src, w = case(T, H, N, dtype, True, "flat32", 12)
+    src2 = heavy(N, H, gen=g).to(dtype)
+    # the rows sit at scattered places of a taller tensor; the spare rows hold NaN, which the
+    # sum must never read; two entries read no row at all
+    where = torch.randperm(N + 9, generator=g)[:N].to(torch.int32)
+    where[3] = where[10] = -1
+    tall = torch.full((N + 9, H), float("nan"), dtype=dtype)
+    tall2 = tall.clone()
+    live = where >= 0
+    tall[where[live].long()] = src[live]
+    tall2[where[live].long()] = src2[live]
+    gathered = torch.where(live.unsqueeze(-1), src, torch.zeros_like(src))
+    gathered2 = torch.where(live.unsqueeze(-1), src2, torch.zeros_like(src2))
+    want = S.index_add_rows_ref(b, idx, gathered, w, T, src2=gathered2)
+    order, bounds = ops.index_add_plan(idx, T)
+    for fn in (S.index_add_rows_ref, S.index_add_rows_triton):
+        got = fn(b, idx, tall, w, T, src2=tall2, src_row=where)
+        assert torch.equal(got, want)
+    assert torch.equal(S.index_add_rows_triton(b, idx, tall, w, T, False, order, bounds,
+                                               tall2, where), want)
+    assert torch.equal(ops.index_add_rows(b, idx, tall, w, T, src2=tall2, src_row=where), want)
+    torch.library.opcheck(ops.index_add_rows, (b, idx, tall, w, T, False, None, None, tall2,
+                                               where), test_utils=("test_faketensor",))
+    for bad, msg in ((where[:-1], "src_row must be int32"), (where.long(), "src_row must be"),
+                     (torch.full_like(where, N + 9), "src_row values must lie")):
+        with pytest.raises(Fp8Unsupported, match=msg):
+            ops.index_add_rows(None, idx, tall, w, T, src_row=bad)
+
+
 def test_combine_reads_the_two_terms_of_a_sum():
     class TwoReaders(torch.nn.Module):  # the gathered rows feed two Linears, as gate and up
         def __init__(self):

@@ -274,3 +274,53 @@ def pad_offsets_op(offs: torch.Tensor, align: int) -> torch.Tensor:
 @pad_offsets_op.register_fake
 def _(offs, align):
     return torch.empty_like(offs)
+
+
+# ---------------------------------------------------------------- row maps of the aligned layout
+
+def align_maps(offs: torch.Tensor, rows: int, align: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two row maps between a grouped axis of `rows` rows and its aligned layout (width
+    `aligned_width(rows, G, align)`, group ends `pad_offsets(offs, align)`):
+
+    - pos [rows] int32: the row of the aligned layout that holds input row r; -1 for rows past
+      the last group end (and for rows a group would place past the width);
+    - src_row [width] int32: the input row that aligned row p holds; -1 for padding and tail.
+
+    So `pad_groups(x, offs, align)` is x gathered by src_row (zero where -1), and x's rows in
+    groups are that gathered back by pos. A few torch ops, no host sync."""
+    G = offs.numel()
+    width = aligned_width(rows, G, align)
+    ends = _running_ends(offs)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    pends = pad_offsets(offs, align).to(torch.int64)
+    pstarts = torch.cat([pends.new_zeros(1), pends[:-1]])
+    r = torch.arange(rows, device=offs.device, dtype=torch.int64)
+    g = torch.searchsorted(ends, r, right=True)
+    gc = g.clamp(max=G - 1)
+    p = pstarts[gc] + r - starts[gc]
+    pos = torch.where((g < G) & (p < width), p, -1)
+    q = torch.arange(width, device=offs.device, dtype=torch.int64)
+    h = torch.searchsorted(pends, q, right=True)
+    hc = h.clamp(max=G - 1)
+    src = starts[hc] + q - pstarts[hc]
+    src_row = torch.where((h < G) & (src < ends[hc]) & (src < rows), src, -1)
+    return pos.to(torch.int32), src_row.to(torch.int32)
+
+
+@torch.library.custom_op("fp8flow::align_maps", mutates_args=())
+def align_maps_op(offs: torch.Tensor, rows: int, align: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`align_maps` as an op for the compiled graph (passes/align_groups.py): (pos [rows],
+    src_row [aligned_width(rows, G, align)]), both int32."""
+    require(offs.dim() == 1 and offs.numel() >= 1, "align_maps",
+            "offs must be a non-empty 1-D tensor")
+    require_dtype(offs, (torch.int32,), "align_maps", "offs")
+    require(align >= 1 and rows >= 0, "align_maps",
+            f"align must be >= 1 and rows >= 0, got {align}, {rows}")
+    return align_maps(offs, rows, align)
+
+
+@align_maps_op.register_fake
+def _(offs, rows, align):
+    width = aligned_width(rows, offs.shape[0], align)
+    return (offs.new_empty(rows, dtype=torch.int32), offs.new_empty(width, dtype=torch.int32))

@@ -14,6 +14,10 @@ row, column block) reads its source rows and writes the row once:
     out[t] = base[t] + sum over i with index[i] == t, in increasing i, of src[i] * weight[i]
                                                                           [+ src2[i]]
 
+With `src_row`, row i of src (and src2) is read from src[src_row[i]] (nothing where
+src_row[i] < 0): the rows reach the sum through an index instead of being gathered first
+(passes/align_groups.py, whose expert rows sit in a layout with padding rows between groups).
+
 accumulated in fp32 and rounded once to the output dtype (no atomics, deterministic). Against
 the ops it replaces this differs only in rounding, and is at least as accurate: a BF16
 `index_add_` rounds after every add (in whatever order the atomics land) and `y * w` rounds the
@@ -34,7 +38,7 @@ import triton.language as tl
 from ..errors import require
 from .common import use_triton
 from .groups import cdiv
-from .permute import _bits, _load_f32, _store_f32
+from .permute import _bits, _eager_cpu, _load_f32, _store_f32
 
 _OP = "index_add_rows"
 DTYPES = (torch.bfloat16, torch.float32)
@@ -42,18 +46,28 @@ _BLOCK_H = 1024
 _MAX_R = 8  # source rows an iteration loads together
 
 
-def _check(base, index, src, weight, num_rows, src2=None):
+def _check(base, index, src, weight, num_rows, src2=None, src_row=None):
     def need(cond, msg):
         require(cond, _OP, msg)
+    n = index.shape[0] if index.dim() == 1 else -1
+    if src_row is not None:
+        need(src_row.dim() == 1 and src_row.shape[0] == n and src_row.dtype == torch.int32
+             and src_row.device == src.device,
+             f"src_row must be int32 [{n}] (one entry per index) on {src.device}, got "
+             f"{src_row.dtype} {tuple(src_row.shape)} on {src_row.device}")
+        if _eager_cpu(src_row) and src_row.numel():
+            lo, hi = int(src_row.min()), int(src_row.max())
+            need(lo >= -1 and hi < src.shape[0],
+                 f"src_row values must lie in [-1, {src.shape[0]}), got [{lo}, {hi}]")
     if src2 is not None:
         need(src2.shape == src.shape and src2.dtype == src.dtype and src2.device == src.device,
              f"src2 must have src's shape, dtype and device {tuple(src.shape)} {src.dtype} "
              f"{src.device}, got {tuple(src2.shape)} {src2.dtype} {src2.device}")
     need(src.dim() == 2, f"src must be 2-D, got shape {tuple(src.shape)}")
     need(src.dtype in DTYPES, f"src must be one of {DTYPES}, got {src.dtype}")
-    need(index.dim() == 1 and index.shape[0] == src.shape[0],
-         f"index must be 1-D with one entry per src row ({src.shape[0]}), got "
-         f"{tuple(index.shape)}")
+    rows = src.shape[0] if src_row is None else n
+    need(index.dim() == 1 and index.shape[0] == rows,
+         f"index must be 1-D with one entry per src row ({rows}), got {tuple(index.shape)}")
     need(index.dtype in (torch.int32, torch.int64), f"index must be int32/int64, got "
          f"{index.dtype}")
     if base is not None:
@@ -61,7 +75,7 @@ def _check(base, index, src, weight, num_rows, src2=None):
              f"base must be [{num_rows}, {src.shape[1]}] {src.dtype}, got "
              f"{tuple(base.shape)} {base.dtype}")
     if weight is not None:
-        need(weight.numel() == src.shape[0] and weight.dtype in DTYPES,
+        need(weight.numel() == index.shape[0] and weight.dtype in DTYPES,
              f"weight must hold one bf16/fp32 value per src row, got {tuple(weight.shape)} "
              f"{weight.dtype}")
     for t in (base, index, weight):
@@ -87,7 +101,17 @@ def _wrapped(index: torch.Tensor, num_rows: int, wrap: bool) -> torch.Tensor:
 
 # ---------------------------------------------------------------- torch reference (any device)
 
-def index_add_rows_ref(base, index, src, weight, num_rows, wrap=False, src2=None):
+def _rows_of(x: torch.Tensor, src_row: torch.Tensor | None) -> torch.Tensor:
+    """x[src_row] with zero rows where src_row < 0 (x itself without src_row)."""
+    if src_row is None:
+        return x
+    got = x[src_row.clamp(min=0).long()]
+    return torch.where((src_row >= 0).unsqueeze(-1), got, torch.zeros_like(got))
+
+
+def index_add_rows_ref(base, index, src, weight, num_rows, wrap=False, src2=None, src_row=None):
+    src = _rows_of(src, src_row)
+    src2 = None if src2 is None else _rows_of(src2, src_row)
     index = _wrapped(index, num_rows, wrap)
     if index.numel() and src.device.type == "cpu":
         lo, hi = int(index.min()), int(index.max())
@@ -109,10 +133,10 @@ def index_add_rows_ref(base, index, src, weight, num_rows, wrap=False, src2=None
 # ---------------------------------------------------------------- Triton kernel
 
 @triton.jit
-def _index_add_rows_kernel(base_ptr, src_ptr, w_ptr, src2_ptr, order_ptr, bounds_ptr, out_ptr, H,
-                           R: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BASE: tl.constexpr,
-                           HAS_W: tl.constexpr, HAS_SRC2: tl.constexpr, BF16: tl.constexpr,
-                           W_BF16: tl.constexpr):
+def _index_add_rows_kernel(base_ptr, src_ptr, w_ptr, src2_ptr, order_ptr, bounds_ptr, row_ptr,
+                           out_ptr, H, R: tl.constexpr, BLOCK_H: tl.constexpr,
+                           HAS_BASE: tl.constexpr, HAS_W: tl.constexpr, HAS_SRC2: tl.constexpr,
+                           HAS_ROW: tl.constexpr, BF16: tl.constexpr, W_BF16: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
@@ -129,11 +153,15 @@ def _index_add_rows_kernel(base_ptr, src_ptr, w_ptr, src2_ptr, order_ptr, bounds
         for j in tl.static_range(R):
             live = i + j < hi
             r = tl.load(order_ptr + i + j, mask=live, other=0).to(tl.int64)
-            v = _load_f32(src_ptr, r * H + cols, cmask & live, BF16)
+            pr = r  # the row of src holding row r
+            if HAS_ROW:
+                pr = tl.load(row_ptr + r, mask=live, other=-1).to(tl.int64)
+                live = live & (pr >= 0)
+            v = _load_f32(src_ptr, pr * H + cols, cmask & live, BF16)
             if HAS_W:
                 v = v * _load_f32(w_ptr, r, live, W_BF16)
             if HAS_SRC2:  # a second term per row, added in fp32 (no rounded sum in between)
-                v = v + _load_f32(src2_ptr, r * H + cols, cmask & live, BF16)
+                v = v + _load_f32(src2_ptr, pr * H + cols, cmask & live, BF16)
             acc = tl.where(live, acc + v, acc)  # not acc + 0.0: that would turn -0.0 into +0.0
         i += R
     _store_f32(out_ptr, t * H + cols, acc, cmask, BF16)
@@ -165,8 +193,8 @@ def index_add_plan_impl(index: torch.Tensor, num_rows: int, wrap: bool = False
 
 
 def index_add_rows_triton(base, index, src, weight, num_rows, wrap=False, order=None,
-                          bounds=None, src2=None):
-    N, H = src.shape
+                          bounds=None, src2=None, src_row=None):
+    N, H = index.shape[0], src.shape[1]
     if N and num_rows == 0:  # every index is out of range, known from the shapes alone
         raise IndexError(f"fp8flow.{_OP}: {N} source rows but no output rows")
     out = torch.empty(num_rows, H, dtype=src.dtype, device=src.device)
@@ -180,8 +208,9 @@ def index_add_rows_triton(base, index, src, weight, num_rows, wrap=False, order=
     _index_add_rows_kernel[(num_rows, cdiv(H, _BLOCK_H))](
         _bits(base.contiguous()) if base is not None else _bits(src), _bits(src.contiguous()),
         _bits(w), _bits(src2.contiguous()) if src2 is not None else _bits(src), order, bounds,
-        _bits(out), H, R=R, BLOCK_H=_BLOCK_H, HAS_BASE=base is not None,
-        HAS_W=weight is not None, HAS_SRC2=src2 is not None, BF16=src.dtype == torch.bfloat16,
+        src_row if src_row is not None else order, _bits(out), H, R=R, BLOCK_H=_BLOCK_H,
+        HAS_BASE=base is not None, HAS_W=weight is not None, HAS_SRC2=src2 is not None,
+        HAS_ROW=src_row is not None, BF16=src.dtype == torch.bfloat16,
         W_BF16=w.dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False)
     return out
 
@@ -211,7 +240,8 @@ def _(index, num_rows, wrap=False):
 def index_add_rows(base: torch.Tensor | None, index: torch.Tensor, src: torch.Tensor,
                    weight: torch.Tensor | None, num_rows: int, wrap: bool = False,
                    order: torch.Tensor | None = None, bounds: torch.Tensor | None = None,
-                   src2: torch.Tensor | None = None) -> torch.Tensor:
+                   src2: torch.Tensor | None = None, src_row: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """[num_rows, H]: base (zeros when None) plus, for each i in increasing order,
     src[i] * weight[i] (weight None: 1) [+ src2[i]] added to row index[i]; fp32 accumulation,
     one rounding. wrap=True reads negative indices from the end (index_put semantics). src2
@@ -221,15 +251,20 @@ def index_add_rows(base: torch.Tensor | None, index: torch.Tensor, src: torch.Te
     order, bounds: optionally `index_add_plan(index, num_rows, w)` made once for several calls
     on the same index, which then skip their own sort; it must come from this index and
     num_rows, and `w` must be this call's wrap unless every index is non-negative (a plan with
-    w=False asserts that, which an index_add_ on the same index requires anyway)."""
-    _check(base, index, src, weight, num_rows, src2)
-    _check_plan(order, bounds, src.shape[0], num_rows)
+    w=False asserts that, which an index_add_ on the same index requires anyway).
+
+    src_row (int32 [N], values in [-1, src rows)): row i of src and src2 is src[src_row[i]], a
+    zero row where src_row[i] < 0; src then has any number of rows, and index, weight and the
+    plan count the N rows read. Without it N is src's row count."""
+    _check(base, index, src, weight, num_rows, src2, src_row)
+    _check_plan(order, bounds, index.shape[0], num_rows)
     if use_triton(src):
         return index_add_rows_triton(base, index, src, weight, num_rows, wrap, order, bounds,
-                                     src2)
-    return index_add_rows_ref(base, index, src, weight, num_rows, wrap, src2)
+                                     src2, src_row)
+    return index_add_rows_ref(base, index, src, weight, num_rows, wrap, src2, src_row)
 
 
 @index_add_rows.register_fake
-def _(base, index, src, weight, num_rows, wrap=False, order=None, bounds=None, src2=None):
+def _(base, index, src, weight, num_rows, wrap=False, order=None, bounds=None, src2=None,
+      src_row=None):
     return src.new_empty(num_rows, src.shape[1])

@@ -7,7 +7,8 @@ flow_probs (the routing weight moves into the SwiGLU; the FC2 output gradient is
 flow_gather (transposes of gathered rows read them through the gather's index) ->
 flow_recompute (the backward gathers FP8 rows again rather than keeping them) -> block_scales
 (the wgrads read the transposes' scales as 128x128 blocks) -> merge_gate_up (gate and up
-weights of their own: one FC1 GEMM over both, as for a stacked weight); with the flow or
+weights of their own: one FC1 GEMM over both, as for a stacked weight) -> align_groups (the
+expert rows re-laid with every group on 128 rows where DeepGEMM runs the GEMMs); with the flow or
 without, schedule (the forward issues the weight quantization while the host catches up), and
 with the option `cache_weights`, cache_weights last (weight GEMMs read FP8 weights kept across
 calls; after the cast counts, which still count the weight quantization).
@@ -20,6 +21,7 @@ import copy
 import torch.fx as fx
 
 from . import (
+    align_groups,
     block_scales,
     cache_weights,
     count,
@@ -40,7 +42,7 @@ from . import (
 from .graph import Ctx, backward_nodes
 
 FLOW = (flow_reuse, flow_hoist, flow_fuse, dedupe, flow_save, flow_combine, flow_probs,
-        flow_gather, flow_recompute, block_scales, merge_gate_up)
+        flow_gather, flow_recompute, block_scales, merge_gate_up, align_groups)
 
 
 def _phase_counts(gm: fx.GraphModule, bwd: set) -> dict[str, dict[str, int]]:
