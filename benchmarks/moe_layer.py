@@ -27,9 +27,13 @@ Variants (keys for `--variants`):
   kernels (`set_gemm_backend("triton")`), where the default picks cuBLAS per group at large
   groups (see fp8flow_compile/kernels/cublas.py).
 - ``fp8flow_cublas`` "fp8flow, cuBLAS loop": the same with DeepGEMM off
-  (`kernels.deepgemm.set_enabled(False)`): where DeepGEMM is installed, the default runs the
-  grouped fprop and dgrad through it when every expert group starts on a multiple of 128 rows
-  (balanced loads here; `--align 128` for skewed ones), this variant through the cuBLAS loop.
+  (`kernels.deepgemm.set_enabled(False)`, and `align_groups=0`, which "auto" then is anyway):
+  where DeepGEMM is installed, the default lays the expert rows out with every group on a
+  multiple of 128 rows (passes/align_groups.py) and runs the grouped fprop and dgrad through
+  it; this variant runs them through the cuBLAS loop on the rows as routed.
+- ``fp8flow_unaligned`` "fp8flow, groups as routed": the default with `align_groups=0`:
+  DeepGEMM runs only where the router's own loads put every group on the 128 grid (balanced
+  loads here, `--align 128` for skewed ones), the cuBLAS loop elsewhere.
 - ``fp8_hand``       "fp8 hand-wired": the routed experts through
   `fp8flow_compile.flow.moe_experts_fp8_flow`, the target of the rewrite, run eagerly.
 - ``torchao_fp8``    "torchao fp8 rowwise": torchao's MoE training prototype (its tensor subclass
@@ -179,6 +183,7 @@ VARIANTS = {
     "fp8flow_apart": "fp8flow, gate/up apart",
     "fp8flow_triton": "fp8flow triton GEMMs",
     "fp8flow_cublas": "fp8flow, cuBLAS loop",
+    "fp8flow_unaligned": "fp8flow, groups as routed",
     "fp8_hand": "fp8 hand-wired",
     "torchao_fp8": "torchao fp8 rowwise",
     "torchao_fp8_eager": "torchao fp8 rowwise eager",
@@ -186,7 +191,8 @@ VARIANTS = {
 BASELINE = "bf16_compiled"
 TIMINGS = ("sustained", "interleaved", "sequential")
 FP8FLOW_KEYS = ("fp8_naive", "fp8flow", "fp8flow_all", "fp8flow_bf16h", "fp8flow_cached",
-                "fp8flow_rowscales", "fp8flow_apart", "fp8flow_triton", "fp8flow_cublas")
+                "fp8flow_rowscales", "fp8flow_apart", "fp8flow_triton", "fp8flow_cublas",
+                "fp8flow_unaligned")
 ZIPF_S = 1.2
 MIB = 1 << 20
 
@@ -406,7 +412,9 @@ def make_variant(key: str, dims, w13, w2, topw, topi, loads, align: int, smoke: 
                                "fp8flow_bf16h": {"fp8_swiglu_input": False},
                                "fp8flow_cached": {"cache_weights": True},
                                "fp8flow_rowscales": {"block_scales": False},
-                               "fp8flow_apart": {"merge_gate_up": False}}.get(key, {})}
+                               "fp8flow_apart": {"merge_gate_up": False},
+                               "fp8flow_cublas": {"align_groups": 0},
+                               "fp8flow_unaligned": {"align_groups": 0}}.get(key, {})}
         info["options"] = opts
         ff.last_report().records.clear()
         return torch.compile(m, backend=ff.fp8flow, options=opts), m, info

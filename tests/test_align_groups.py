@@ -136,3 +136,43 @@ def test_bad_option(bad):
     with pytest.raises((ValueError, torch._dynamo.exc.BackendCompilerFailed),
                        match="align_groups"):
         _layer("stacked", {"align_groups": bad})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["stacked", "separate"])
+def test_gpu_deepgemm_on_aligned_rows_is_the_cublas_loop_bit_for_bit(layout):
+    """On Hopper with DeepGEMM: loads in units of 16 (off the 128 grid), compiled with the
+    defaults ("auto": aligned, DeepGEMM runs the grouped GEMMs; every GEMM in FP8 at this small
+    shape) against the same layer with
+    DeepGEMM off (nothing aligned, the cuBLAS loop): the same bits everywhere."""
+    from test_deepgemm import _real_deepgemm
+
+    from benchmarks.moe_layer import RoutedMoE, build, grad_w13, make_routing
+    from fp8flow_compile.kernels import deepgemm as DG
+    if not _real_deepgemm():
+        pytest.skip("needs DeepGEMM and a Hopper GPU")
+    T, H, I, E, k = dims = (2048, 1024, 512, 8, 2)
+    topw, topi, loads = make_routing("skewed", T, E, k, 16, 0, "cuda")
+    assert (torch.tensor([0] + loads[:-1]).cumsum(0) % 128 != 0).any()
+    g = torch.Generator().manual_seed(2)
+    w13 = torch.randn(E, 2 * I, H, generator=g) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=g) * I ** -0.5
+    x = torch.randn(T, H, generator=g).cuda().bfloat16()
+    dy = torch.randn(T, H, generator=g).cuda().bfloat16()
+    res, logs = [], []
+    for on in (True, False):
+        DG.set_enabled(on)
+        try:
+            m = build(RoutedMoE, dims, w13.cuda(), w2.cuda(), topw, topi, torch.bfloat16,
+                      layout)
+            y, dx, _ = fwd_bwd(compiled(m, fp8_min_intensity=0), x, dy)
+            torch.cuda.synchronize()
+            res.append([y, dx, grad_w13(m), m.w2.grad])
+            logs.append([line for r in ff.last_report().records for line in r.log
+                         if line.startswith("align_groups")])
+        finally:
+            DG.set_enabled(True)
+    assert len(logs[0]) == 1 and "multiple of 128 rows" in logs[0][0], logs[0]
+    assert logs[1] and "turned off" in logs[1][0], logs[1]
+    for a, b in zip(*res, strict=True):
+        assert torch.equal(a, b)
