@@ -51,6 +51,20 @@ def test_align_maps_are_the_aligned_layout(align):
                           test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+def test_align_maps_kernel_is_the_reference():
+    """The one-launch kernel (CUDA's path; here the interpreter) against the torch form."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(12):
+        E = int(torch.randint(1, 40, (1,), generator=g))
+        rows = int(torch.randint(0, 600, (1,), generator=g))
+        offs = torch.randint(-5, rows + 40, (E,), generator=g)
+        offs = (offs.sort().values if trial % 2 else offs).to(torch.int32)
+        for align in (1, 16, 128):
+            want = G.align_maps(offs, rows, align)
+            got = G.align_maps_triton(offs, rows, align)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def _layer(layout, options, routing="skewed", dims=(64, 256, 128, 8, 2)):
     from benchmarks.moe_layer import RoutedMoE, build, grad_w13, make_routing
     T, H, I, E, k = dims

@@ -307,6 +307,49 @@ def align_maps(offs: torch.Tensor, rows: int, align: int) -> tuple[torch.Tensor,
     return pos.to(torch.int32), src_row.to(torch.int32)
 
 
+@triton.jit
+def _align_maps_kernel(offs_ptr, pos_ptr, src_ptr, G, rows, width, BLOCK: tl.constexpr,
+                       G_BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    # Programs [0, cdiv(rows, BLOCK)) write pos, the rest src_row; each compares its BLOCK
+    # rows with the table of group bounds (input and aligned), as align_maps defines them.
+    gi, prev, ends, pprev, pends = _padded_table(offs_ptr, G, width, G_BLOCK, ALIGN)
+    live_g = gi < G
+    pid = tl.program_id(0)
+    n_pos = tl.cdiv(rows, BLOCK)
+    if pid < n_pos:
+        r = pid * BLOCK + tl.arange(0, BLOCK)
+        inside = (r[:, None] >= prev[None, :]) & (r[:, None] < ends[None, :]) & live_g[None, :]
+        p = tl.sum(tl.where(inside, pprev[None, :] + r[:, None] - prev[None, :], 0), 1)
+        hit = tl.sum(inside.to(tl.int32), 1) > 0
+        pos = tl.where(hit & (p < width), p, -1)
+        tl.store(pos_ptr + r, pos, mask=r < rows)
+    else:
+        q = (pid - n_pos) * BLOCK + tl.arange(0, BLOCK)
+        inside = (q[:, None] >= pprev[None, :]) & (q[:, None] < pends[None, :]) & live_g[None, :]
+        src = tl.sum(tl.where(inside, prev[None, :] + q[:, None] - pprev[None, :], 0), 1)
+        end = tl.sum(tl.where(inside, ends[None, :], 0), 1)
+        hit = tl.sum(inside.to(tl.int32), 1) > 0
+        src = tl.where(hit & (src < end) & (src < rows), src, -1)
+        tl.store(src_ptr + q, src, mask=q < width)
+
+
+def align_maps_triton(offs: torch.Tensor, rows: int, align: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """align_maps in one launch (the torch form is a dozen small kernels, about 1 ms on the H100
+    at 69632 rows, most of it searchsorted)."""
+    G = offs.numel()
+    width = aligned_width(rows, G, align)
+    pos = torch.empty(rows, dtype=torch.int32, device=offs.device)
+    src_row = torch.empty(width, dtype=torch.int32, device=offs.device)
+    G_BLOCK = group_block(G)
+    BLOCK = max(16, min(256, 8192 // G_BLOCK))
+    grid = (cdiv(rows, BLOCK) + cdiv(width, BLOCK),)
+    if grid[0]:
+        _align_maps_kernel[grid](offs, pos, src_row, G, rows, width, BLOCK=BLOCK,
+                                 G_BLOCK=G_BLOCK, ALIGN=align)
+    return pos, src_row
+
+
 @torch.library.custom_op("fp8flow::align_maps", mutates_args=())
 def align_maps_op(offs: torch.Tensor, rows: int, align: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,6 +360,8 @@ def align_maps_op(offs: torch.Tensor, rows: int, align: int
     require_dtype(offs, (torch.int32,), "align_maps", "offs")
     require(align >= 1 and rows >= 0, "align_maps",
             f"align must be >= 1 and rows >= 0, got {align}, {rows}")
+    if offs.is_cuda:
+        return align_maps_triton(offs.contiguous(), rows, align)
     return align_maps(offs, rows, align)
 
 
