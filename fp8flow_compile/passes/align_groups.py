@@ -137,7 +137,7 @@ class _Region:
         return [r for n in self.ops for r in _results(n) if self._rows(val(r))]
 
 
-def _plan(gm: fx.GraphModule, offs: fx.Node, gemms: list[fx.Node]) -> dict:
+def _plan(gm: fx.GraphModule, offs: fx.Node, gemms: list[fx.Node], align: int) -> dict:
     """What the rewrite of offs changes, or _Skip."""
     reg = _Region(gm, offs, gemms)
     vals = set(reg.values())
@@ -161,7 +161,9 @@ def _plan(gm: fx.GraphModule, offs: fx.Node, gemms: list[fx.Node]) -> dict:
             raise _Skip(f"{u.name} ({getattr(u.target, '__name__', u.op)}) reads the rows of "
                         f"{v.name}")
     # the readers of the group layout: every fp8flow op reading offs or its padded ends
-    transposes, wgrads, hosts, pads = [], [], [], []
+    transposes, wgrads, hosts, pads, maps = [], [], [], [], []
+    sinks = {ops.grouped_gemm_fp8_wgrad.default: wgrads, ops.offsets_to_host.default: hosts,
+             ops.pad_offsets.default: pads, ops.align_maps.default: maps}
     for u in offs.users:
         if u in reg.ops or u.op != "call_function":
             continue
@@ -172,22 +174,14 @@ def _plan(gm: fx.GraphModule, offs: fx.Node, gemms: list[fx.Node]) -> dict:
                     val(q).shape[0] == reg.P:
                 transposes.append(u)
                 continue
-        elif t is ops.grouped_gemm_fp8_wgrad.default:
-            wgrads.append(u)
-            continue
-        elif t is ops.offsets_to_host.default:
-            hosts.append(u)
-            continue
-        elif t is ops.pad_offsets.default:
-            pads.append(u)
-            continue
-        elif t is ops.align_maps.default:
+        elif t in sinks:
+            sinks[t].append(u)
             continue
         if _ours(t):
             raise _Skip(f"{u.name} ({t.__name__}) reads the group layout of {offs.name}")
     for p in pads:
-        if 128 % p.args[1]:
-            raise _Skip(f"{p.name} pads the groups to {p.args[1]}, not a divisor of 128")
+        if align % p.args[1]:
+            raise _Skip(f"{p.name} pads the groups to {p.args[1]}, not a divisor of {align}")
         for u in p.users:
             if _is_op(u, ops.grouped_gemm_fp8_wgrad.default):
                 wgrads.append(u)
@@ -200,7 +194,7 @@ def _plan(gm: fx.GraphModule, offs: fx.Node, gemms: list[fx.Node]) -> dict:
         for u in h.users:
             if not (u in reg.ops or u in wgrads):
                 raise _Skip(f"{u.name} reads the host copy {h.name} of the group ends")
-    return {"region": reg, "exits_ia": exits_ia, "exits_vec": exits_vec,
+    return {"region": reg, "rows": vals, "exits_ia": exits_ia, "exits_vec": exits_vec,
             "transposes": transposes, "wgrads": wgrads}
 
 
@@ -267,10 +261,9 @@ def _rewrite(gm: fx.GraphModule, offs: fx.Node, gemms: list[fx.Node], plan: dict
     for n, name in reg.vec_in:
         with gm.graph.inserting_before(n):
             set_arg(n, name, _gather_vec(gm, given_args(n)[name], src_row, 0))
-    rows = set(reg.values())
     for t in plan["transposes"]:
         a = given_args(t)
-        if a["q"] in rows:
+        if a["q"] in plan["rows"]:
             pass  # rows of the region: already in the new layout
         elif a.get("src_row") is not None:
             set_arg(t, "src_row", pad_index(a["src_row"], t))
@@ -379,7 +372,7 @@ def run(gm: fx.GraphModule, ctx: Ctx) -> fx.GraphModule:
             ctx.log.append(f"align_groups: {offs.name} left as it is (dynamic row count)")
             continue
         try:
-            plan = _plan(gm, offs, gemms)
+            plan = _plan(gm, offs, gemms, align)
         except _Skip as e:
             ctx.log.append(f"align_groups: {offs.name} left as it is: {e}")
             continue
