@@ -419,7 +419,7 @@ def grouped_fwd(a_q, a_s, b_q, b_s, offs, out_dtype, dense: Callable | None = No
         return out.zero_()
     # one DeepGEMM call for all groups where it is installed and reads this layout
     if dense is None and deepgemm.fits(a_q, b_q, b_s, out_dtype, ends, M) and \
-            deepgemm.grouped_fwd(a_q, a_s, b_q, b_s, offs, out):
+            deepgemm.grouped_fwd(a_q, a_s, b_q, b_s, offs, out, used):
         out[used:].zero_()
         return out
     sizes = [e - s for s, e in bounds]

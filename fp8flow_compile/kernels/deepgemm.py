@@ -143,15 +143,22 @@ def fits(a_q: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor, out_dtype: tor
     return all(e % al == 0 for e in ends[:-1])
 
 
-def grouped_fwd(a_q, a_s, b_q, b_s, offs, out) -> bool:
+def grouped_fwd(a_q, a_s, b_q, b_s, offs, out, rows: int | None = None) -> bool:
     """out[:offs[-1]] = the grouped product through DeepGEMM; False (out untouched) if its
-    probe or the call failed, and the caller runs its own path. `fits` must hold."""
+    probe or the call failed, and the caller runs its own path. `fits` must hold.
+
+    rows: offs[-1] where the caller has it on the host. DeepGEMM is then handed only those
+    rows: it skips the MMAs of a 128-row block past the last group but still loads its
+    operands (its producer does not look at the group), and a layout padded to a static
+    height (`align_groups`) has up to 127 rows per group of such blocks at its end."""
     why = _probe(a_q.device.index or 0)
     if why is not None:
         _warn_once(why)
         return False
+    M = a_q.shape[0] if rows is None else rows
     try:
-        _call(_module(), a_q, a_s.contiguous(), b_q, b_s, group_of_row(offs, a_q.shape[0]), out)
+        _call(_module(), a_q[:M], a_s[:M].contiguous(), b_q, b_s, group_of_row(offs, M),
+              out[:M])
     except RuntimeError as e:
         _warn_once(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         return False
