@@ -38,7 +38,7 @@ import triton.language as tl
 from ..errors import require
 from .common import use_triton
 from .groups import cdiv
-from .permute import _bits, _eager_cpu, _load_f32, _store_f32
+from .permute import _bits, _load_f32, _store_f32, check_index, permute_pad_ref
 
 _OP = "index_add_rows"
 DTYPES = (torch.bfloat16, torch.float32)
@@ -55,10 +55,7 @@ def _check(base, index, src, weight, num_rows, src2=None, src_row=None):
              and src_row.device == src.device,
              f"src_row must be int32 [{n}] (one entry per index) on {src.device}, got "
              f"{src_row.dtype} {tuple(src_row.shape)} on {src_row.device}")
-        if _eager_cpu(src_row) and src_row.numel():
-            lo, hi = int(src_row.min()), int(src_row.max())
-            need(lo >= -1 and hi < src.shape[0],
-                 f"src_row values must lie in [-1, {src.shape[0]}), got [{lo}, {hi}]")
+        check_index(src_row, _OP, "src_row", 1, src.shape[0], src.device)  # + contiguous, values
     if src2 is not None:
         need(src2.shape == src.shape and src2.dtype == src.dtype and src2.device == src.device,
              f"src2 must have src's shape, dtype and device {tuple(src.shape)} {src.dtype} "
@@ -103,10 +100,7 @@ def _wrapped(index: torch.Tensor, num_rows: int, wrap: bool) -> torch.Tensor:
 
 def _rows_of(x: torch.Tensor, src_row: torch.Tensor | None) -> torch.Tensor:
     """x[src_row] with zero rows where src_row < 0 (x itself without src_row)."""
-    if src_row is None:
-        return x
-    got = x[src_row.clamp(min=0).long()]
-    return torch.where((src_row >= 0).unsqueeze(-1), got, torch.zeros_like(got))
+    return x if src_row is None else permute_pad_ref(x.contiguous(), src_row)
 
 
 def index_add_rows_ref(base, index, src, weight, num_rows, wrap=False, src2=None, src_row=None):
