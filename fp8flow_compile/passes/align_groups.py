@@ -45,7 +45,7 @@ import torch.fx as fx
 
 from ..kernels import deepgemm
 from ..kernels.groups import aligned_width
-from .graph import Ctx, call, call_multi, fake_mode_of, finish, given_args, set_arg, val
+from .graph import Ctx, call, call_multi, fake_mode_of, fake_value, finish, given_args, set_arg, val
 
 aten = torch.ops.aten
 ops = torch.ops.fp8flow
@@ -331,14 +331,7 @@ def _refresh(gm: fx.GraphModule, changed: set[fx.Node]) -> None:
                                                                for a in n.all_input_nodes)):
             continue
         old = n.meta.get("val")
-        args = fx.node.map_arg(n.args, val)
-        kwargs = fx.node.map_arg(n.kwargs, val)
-        if n.target is operator.getitem:
-            new = args[0][args[1]]
-        else:
-            with mode:
-                new = n.target(*args, **kwargs)
-        n.meta["val"] = new
+        new = n.meta["val"] = fake_value(n, mode)
         if _shapes(new) != _shapes(old):
             moved.add(n)
 

@@ -39,16 +39,21 @@ def val(n: Any) -> Any:
 def call(gm: fx.GraphModule, target, args: tuple, kwargs: dict | None = None,
          name: str | None = None) -> fx.Node:
     """Insert a call at the current insertion point and fill in its fake value."""
-    kwargs = kwargs or {}
-    node = gm.graph.call_function(target, args, kwargs)
-    mode = fake_mode_of(gm)
-    fargs = torch.fx.node.map_arg(args, val)
-    fkwargs = torch.fx.node.map_arg(kwargs, val)
-    with mode:
-        node.meta["val"] = target(*fargs, **fkwargs)
+    node = gm.graph.call_function(target, args, kwargs or {})
+    node.meta["val"] = fake_value(node, fake_mode_of(gm))
     if name:
         node.name = gm.graph._graph_namespace.create_name(name, None)
     return node
+
+
+def fake_value(n: fx.Node, mode) -> Any:
+    """The value of the call n from its inputs' fake values (under `mode`, `fake_mode_of`)."""
+    args = torch.fx.node.map_arg(n.args, val)
+    kwargs = torch.fx.node.map_arg(n.kwargs, val)
+    if n.target is operator.getitem:
+        return args[0][args[1]]
+    with mode:
+        return n.target(*args, **kwargs)
 
 
 def given_args(n: fx.Node) -> dict:
