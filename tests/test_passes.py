@@ -116,6 +116,19 @@ def test_dedupe_leaves_one_quantization_per_tensor_and_axis(moe_joint):
                                "grouped_gemm_fp8_wgrad": 2, "pad_offsets": 1}
 
 
+def test_count_weight_casts_one_per_weight():
+    """A weight quantization counts once per weight it reads: twice with `below` (two weights in
+    one launch, merge_gate_up), once without, however the absent `below` is spelled."""
+    import torch.fx as fx
+    g = fx.Graph()
+    w, w3 = g.placeholder("w"), g.placeholder("w3")
+    for args, kwargs in (((w,), {}), ((w, None), {}), ((w,), {"below": None}),
+                         ((w, w3), {}), ((w,), {"below": w3})):
+        g.call_function(ops.quantize_128x128_dual.default, args, kwargs)
+    g.output(None)
+    assert count.casts(fx.GraphModule({}, g))["weight"] == 1 + 1 + 1 + 2 + 2
+
+
 def test_reuse_replaces_every_column_quantization_by_a_transpose(moe_joint):
     gm, ctx = upto(*moe_joint, find_gemms, insert_qdq, dedupe, flow_reuse)
     t = targets(gm)

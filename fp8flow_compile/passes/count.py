@@ -13,6 +13,8 @@ import collections
 import torch
 import torch.fx as fx
 
+from .graph import given_args
+
 ops = torch.ops.fp8flow
 ACT = {ops.quantize_1x128.default, ops.quantize_1x128_col.default}
 WEIGHT = {ops.quantize_128x128.default, ops.quantize_128x128_dual.default}
@@ -27,7 +29,7 @@ def casts(gm: fx.GraphModule, nodes: set | None = None) -> dict[str, int]:
         if n.target in ACT:
             c["act"] += 1
         elif n.target in WEIGHT:  # one per weight (`below`: two weights in one pass)
-            c["weight"] += 1 if len(n.args) < 2 and n.kwargs.get("below") is None else 2
+            c["weight"] += 1 if given_args(n).get("below") is None else 2
         elif n.target in DEQ:
             c["dequant"] += 1
         elif getattr(n.target, "namespace", None) == "fp8flow":
