@@ -45,7 +45,18 @@ import torch.fx as fx
 
 from ..kernels import deepgemm
 from ..kernels.groups import aligned_width
-from .graph import Ctx, call, call_multi, fake_mode_of, fake_value, finish, given_args, set_arg, val
+from .graph import (
+    Ctx,
+    after_made,
+    call,
+    call_multi,
+    fake_mode_of,
+    fake_value,
+    finish,
+    given_args,
+    set_arg,
+    val,
+)
 
 aten = torch.ops.aten
 ops = torch.ops.fp8flow
@@ -230,9 +241,7 @@ def _rewrite(gm: fx.GraphModule, offs: fx.Node, gemms: list[fx.Node], plan: dict
              align: int) -> list[str]:
     reg = plan["region"]
     P, G = reg.P, val(offs).shape[0]
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with (gm.graph.inserting_after(offs) if offs.op != "placeholder"
-          else gm.graph.inserting_before(first)):
+    with after_made(gm, offs):
         offs_al = call(gm, ops.pad_offsets.default, (offs, align), name="offs_align")
     with gm.graph.inserting_after(offs_al):
         pos, src_row = call_multi(gm, ops.align_maps.default, (offs, P, align), 2,

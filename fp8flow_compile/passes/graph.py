@@ -46,6 +46,15 @@ def call(gm: fx.GraphModule, target, args: tuple, kwargs: dict | None = None,
     return node
 
 
+def after_made(gm: fx.GraphModule, n: fx.Node):
+    """The insertion point right after n is made: after n, or before the first op if n is a
+    graph input."""
+    if n.op == "placeholder":
+        return gm.graph.inserting_before(next(m for m in gm.graph.nodes
+                                              if m.op != "placeholder"))
+    return gm.graph.inserting_after(n)
+
+
 def fake_value(n: fx.Node, mode) -> Any:
     """The value of the call n from its inputs' fake values (under `mode`, `fake_mode_of`)."""
     args = torch.fx.node.map_arg(n.args, val)

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ..kernels import cublas, gemm
 from ..recipe import BLOCKWISE
-from .graph import Ctx, call, call_multi, contiguous, finish, size_hint, strip, val
+from .graph import Ctx, after_made, call, call_multi, contiguous, finish, size_hint, strip, val
 
 aten = torch.ops.aten
 GROUP_ALIGN = BLOCKWISE.group_align
@@ -74,22 +74,15 @@ def padded_offsets(gm: fx.GraphModule, offs: fx.Node, align: int, cache: dict) -
     """`pad_offsets(offs, align)`, one per offs and align, right after offs is made: the forward
     makes it (and its host copy) once per step, unless the partitioner recomputes it."""
     if (offs, align) not in cache:
-        with _after(gm, offs):
+        with after_made(gm, offs):
             cache[offs, align] = call(gm, ops.pad_offsets.default, (offs, align), name="offs_pad")
     return cache[offs, align]
-
-
-def _after(gm: fx.GraphModule, n: fx.Node):
-    if n.op == "placeholder":
-        return gm.graph.inserting_before(next(m for m in gm.graph.nodes
-                                              if m.op != "placeholder"))
-    return gm.graph.inserting_after(n)
 
 
 def host_offsets(gm: fx.GraphModule, offs: fx.Node, cache: dict) -> fx.Node:
     """`offsets_to_host(offs)`, one per offs node, inserted right after offs is made."""
     if offs not in cache:
-        with _after(gm, offs):
+        with after_made(gm, offs):
             cache[offs] = call(gm, ops.offsets_to_host.default, (offs,), name="offs_host")
     return cache[offs]
 
